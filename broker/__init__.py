@@ -1,0 +1,1 @@
+"""The cosy broker: client front end, worker back end, audio forwarder."""

@@ -1,0 +1,479 @@
+"""The broker: one process, one poll loop, four sockets.
+
+  front     ROUTER  clients: SUBMIT / CANCEL / STATUS / PING / REPLAY
+  back      ROUTER  workers: READY / HEARTBEAT / DONE / FAILED / DISCONNECT
+  audio_in  XSUB    the workers' audio; subscribed to everything
+  audio_out XPUB    clients subscribe to their jobs' topics (XPUB_VERBOSE: the broker sees each)
+
+The broker forwards audio itself (not zmq.proxy) so that it can note each run's first
+chunk and keep a bounded replay buffer that repairs what PUB/SUB dropped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from cosy import __version__
+from cosy import protocol as P
+from cosy.broker.scheduler import JobEntry, Scheduler, WorkerEntry
+from cosy.endpoints import Endpoints, ensure_runtime_dir
+
+log = logging.getLogger("cosy.broker")
+
+
+@dataclass
+class BrokerConfig:
+    heartbeat_s: float = 1.0
+    liveness: int = 3
+    max_queue: int = 20_000
+    max_attempts: int = 3
+    max_text: int = P.MAX_TEXT_CHARS
+    subscribe_wait_s: float = 2.0
+    client_timeout_s: float = 10.0
+    replay_bytes: int = 64 << 20  # total replay buffer across runs
+    replay_ttl_s: float = 60.0
+    group_shared: bool = False
+
+
+@dataclass
+class ReplayBuffer:
+    job: str
+    chunks: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    nbytes: int = 0
+    finished: float = 0.0
+
+
+class BrokerAlreadyRunning(RuntimeError):
+    pass
+
+
+class Broker:
+    def __init__(self, endpoints: Endpoints, config: BrokerConfig | None = None,
+                 ctx: zmq.Context | None = None) -> None:
+        self.endpoints = endpoints
+        self.config = config or BrokerConfig()
+        self.ctx = ctx or zmq.Context.instance()
+        self.epoch = uuid.uuid4().hex[:12]
+        self.started = time.time()
+        self.sched = Scheduler(self.config.max_queue, self.config.max_attempts, self.config.subscribe_wait_s)
+        self.subscribed: set[bytes] = set()
+        self.clients: dict[str, tuple[bytes, float]] = {}  # client id -> (route, last seen)
+        self.replay: OrderedDict[str, ReplayBuffer] = OrderedDict()  # run -> buffer
+        self.replay_total = 0
+        self.counters = {"accepted": 0, "rejected": 0, "done": 0, "failed": 0, "retried": 0,
+                         "cancelled": 0, "malformed": 0, "replayed": 0}
+        self.ttfc_ms: list[float] = []
+        self._lock_file: Any = None
+        self.bound = threading.Event()
+
+    # --- setup ----------------------------------------------------------------------
+
+    def _lock_runtime_dir(self) -> None:
+        rd = self.endpoints.runtime_dir
+        if rd is None:
+            return
+        ensure_runtime_dir(rd, self.config.group_shared)
+        if self.endpoints.is_tcp:
+            return
+        self._lock_file = open(rd / "broker.lock", "a+")  # noqa: SIM115 - held for the broker's lifetime
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BrokerAlreadyRunning(f"a broker is already running in {rd}") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"{os.getpid()}\n")
+        self._lock_file.flush()
+
+    def _bind(self) -> None:
+        old = os.umask(0o117 if self.config.group_shared else 0o177)
+        try:
+            self.front = self._socket(zmq.ROUTER, self.endpoints.front, P.MAX_FRONT_MSG)
+            self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.back = self._socket(zmq.ROUTER, self.endpoints.back, P.MAX_BACK_MSG)
+            self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.audio_in = self._socket(zmq.XSUB, self.endpoints.audio_in, P.MAX_AUDIO_MSG)
+            self.audio_in.setsockopt(zmq.RCVHWM, 100_000)
+            self.audio_in.send(b"\x01")  # subscribe to everything: the broker buffers all audio
+            self.audio_out = self._socket(zmq.XPUB, self.endpoints.audio_out, P.MAX_SUB_MSG)
+            self.audio_out.setsockopt(zmq.XPUB_VERBOSE, 1)
+            self.audio_out.setsockopt(zmq.SNDHWM, 100_000)
+        finally:
+            os.umask(old)
+
+    def _socket(self, kind: int, endpoint: str, max_msg: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_msg)
+        sock.bind(endpoint)
+        return sock
+
+    # --- main loop ------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        self._lock_runtime_dir()
+        self._bind()
+        self.bound.set()
+        log.info("broker %s listening on %s (epoch %s)", __version__, self.endpoints.front, self.epoch)
+        poller = zmq.Poller()
+        for s in (self.front, self.back, self.audio_in, self.audio_out):
+            poller.register(s, zmq.POLLIN)
+        next_hb = 0.0
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if now >= next_hb:
+                    self._heartbeat(now)
+                    next_hb = now + self.config.heartbeat_s
+                timeout_ms = max(0.0, min(next_hb - now, 0.1)) * 1000
+                events = dict(poller.poll(timeout_ms))
+                if self.audio_in in events:
+                    self._forward_audio()
+                if self.audio_out in events:
+                    self._read_subscriptions()
+                if self.back in events:
+                    self._drain(self.back, self._on_worker)
+                if self.front in events:
+                    self._drain(self.front, self._on_client)
+                self._dispatch()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for name in ("front", "back", "audio_in", "audio_out"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=0)
+        if not self.endpoints.is_tcp and self.endpoints.runtime_dir:
+            for ep in self.endpoints.as_dict().values():
+                try:
+                    Path(ep[len("ipc://"):]).unlink()
+                except OSError:
+                    pass
+        if self._lock_file:
+            self._lock_file.close()
+            self._lock_file = None
+        log.info("broker stopped")
+
+    def _drain(self, sock: zmq.Socket, handler: Any) -> None:
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                self.counters["malformed"] += 1
+                continue
+            try:
+                handler(frames[0], frames[1:])
+            except P.ProtocolError as exc:
+                self.counters["malformed"] += 1
+                log.warning("dropped malformed message: %s", exc)
+            except Exception:  # a bug in one handler must not take the broker down
+                self.counters["malformed"] += 1
+                log.exception("error while handling a message; dropped")
+
+    def _send(self, sock: zmq.Socket, route: bytes, frames: list[Any]) -> bool:
+        try:
+            sock.send_multipart([route, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or its queue full (EAGAIN)
+            log.debug("could not send to %r: %s", route, exc)
+            return False
+
+    def _to_client(self, client: str, msg: P.Message) -> None:
+        route = self.clients.get(client)
+        if route:
+            self._send(self.front, route[0], msg.to_frames())
+
+    # --- audio ----------------------------------------------------------------------
+
+    def _forward_audio(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.audio_in.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) != 3:
+                self.counters["malformed"] += 1
+                continue
+            try:
+                header = P.ChunkHeader.unpack(frames[1].bytes)
+            except P.ProtocolError:
+                self.counters["malformed"] += 1
+                continue
+            entry = self.sched.runs.get(header.run)
+            if entry is None or frames[0].bytes != P.topic(entry.job):
+                continue  # a cancelled or unknown run: nobody wants it
+            if not entry.first_chunk:
+                entry.first_chunk = time.monotonic()
+            self._buffer(header, frames[1], frames[2])
+            try:
+                self.audio_out.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass  # the replay buffer covers it
+
+    def _buffer(self, header: P.ChunkHeader, hframe: Any, pframe: Any) -> None:
+        buf = self.replay.get(header.run)
+        if buf is None:
+            buf = self.replay[header.run] = ReplayBuffer(header.job)
+        n = len(pframe.buffer) + len(hframe.buffer)
+        buf.chunks[header.seq] = (hframe, pframe)
+        buf.nbytes += n
+        self.replay_total += n
+        while self.replay_total > self.config.replay_bytes and len(self.replay) > 1:
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        _, old = self.replay.popitem(last=False)
+        self.replay_total -= old.nbytes
+
+    def _finish_replay(self, run: str) -> None:
+        buf = self.replay.get(run)
+        if buf:
+            buf.finished = time.monotonic()
+
+    def _read_subscriptions(self) -> None:
+        for _ in range(1000):
+            try:
+                msg = self.audio_out.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if msg[:1] == b"\x01":
+                self.subscribed.add(msg[1:])
+            elif msg[:1] == b"\x00":
+                self.subscribed.discard(msg[1:])
+
+    # --- clients --------------------------------------------------------------------
+
+    def _on_client(self, route: bytes, frames: list[bytes]) -> None:
+        msg = P.decode(frames, P.CLIENT_MESSAGES)
+        now = time.monotonic()
+        if isinstance(msg, (P.Submit, P.Cancel, P.Ping)):
+            self.clients[msg.client] = (route, now)
+        if isinstance(msg, P.Submit):
+            self._on_submit(route, msg)
+        elif isinstance(msg, P.Cancel):
+            entry = self.sched.jobs.get(msg.job)
+            if entry is None or entry.client != msg.client:
+                self._send(self.front, route, P.Rejected(msg.job, P.UNKNOWN_JOB, "no such job").to_frames())
+                return
+            self._cancel(entry, P.CANCELLED, "cancelled by the client")
+        elif isinstance(msg, P.Ping):
+            self._send(self.front, route, P.Pong(self.epoch).to_frames())
+        elif isinstance(msg, P.StatusRequest):
+            self._send(self.front, route, P.StatusReply(self.status()).to_frames())
+        elif isinstance(msg, P.Replay):
+            self._on_replay(route, msg)
+
+    def _reject(self, route: bytes, job: str, code: str, message: str, voices: list[str] | None = None) -> None:
+        self.counters["rejected"] += 1
+        self._send(self.front, route, P.Rejected(job, code, message, voices or []).to_frames())
+
+    def _on_submit(self, route: bytes, msg: P.Submit) -> None:
+        existing = self.sched.jobs.get(msg.job)
+        if existing is not None:
+            if existing.client != msg.client:
+                self._reject(route, msg.job, P.DUPLICATE_JOB, f"job id {msg.job!r} is in use by another client")
+                return
+            # Idempotent resubmission (the client lost our ACCEPTED): same job, nothing new queued.
+            self._send(self.front, route, P.Accepted(msg.job, self.epoch, self.sched.queue_length()).to_frames())
+            return
+        text = msg.text.strip()
+        if not text:
+            self._reject(route, msg.job, P.BAD_REQUEST, "text is empty")
+            return
+        if len(msg.text) > self.config.max_text:
+            self._reject(route, msg.job, P.TEXT_TOO_LONG,
+                         f"text is {len(msg.text)} characters; the limit is {self.config.max_text}")
+            return
+        if not (0.25 <= msg.speed <= 4.0):
+            self._reject(route, msg.job, P.BAD_REQUEST, f"speed {msg.speed} is outside 0.25-4.0")
+            return
+        voices = self.sched.voices()
+        if msg.voice is not None and self.sched.workers and msg.voice not in voices:
+            self._reject(route, msg.job, P.UNKNOWN_VOICE,
+                         f"unknown voice {msg.voice!r}; available: {', '.join(voices)}", voices)
+            return
+        if self.sched.queue_length() >= self.config.max_queue:
+            self._reject(route, msg.job, P.BUSY, f"queue is full ({self.config.max_queue} jobs); retry later")
+            return
+        entry = JobEntry(msg.job, msg.text, msg.voice, msg.speed, msg.priority, msg.client, time.monotonic())
+        self.sched.enqueue(entry)
+        self.counters["accepted"] += 1
+        self._send(self.front, route, P.Accepted(msg.job, self.epoch, self.sched.queue_length()).to_frames())
+
+    def _cancel(self, entry: JobEntry, code: str, message: str) -> None:
+        self.sched.remove(entry.job)
+        self.counters["cancelled"] += 1
+        if entry.running:
+            self._send(self.back, entry.worker, P.CancelRun(entry.job, entry.run).to_frames())  # type: ignore[arg-type]
+        self._to_client(entry.client, P.JobFailed(entry.job, code, message, entry.run, entry.attempt))
+
+    def _on_replay(self, route: bytes, msg: P.Replay) -> None:
+        buf = self.replay.get(msg.run)
+        if buf is None or buf.job != msg.job:
+            self._send(self.front, route, P.Rejected(msg.job, P.REPLAY_GONE,
+                                                     "that run is no longer in the replay buffer").to_frames())
+            return
+        seqs = msg.seqs or sorted(buf.chunks)
+        for seq in seqs[:4096]:
+            chunk = buf.chunks.get(seq)
+            if chunk is None:
+                continue
+            self.counters["replayed"] += 1
+            try:
+                self.front.send_multipart([route, P.PROTO, P.ReplayChunk.TYPE, chunk[0], chunk[1]],
+                                          zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:
+                return
+
+    # --- workers --------------------------------------------------------------------
+
+    def _on_worker(self, identity: bytes, frames: list[bytes]) -> None:
+        msg = P.decode(frames, P.WORKER_MESSAGES)
+        now = time.monotonic()
+        worker = self.sched.workers.get(identity)
+        if isinstance(msg, P.Ready):
+            if worker is not None:  # re-registration: whatever it ran is lost
+                self._requeue(self.sched.drop_worker(identity), "worker re-registered")
+            self.sched.workers[identity] = WorkerEntry(identity, msg, now)
+            log.info("worker %s joined: %s/%s on %s, voices %s, capacity %d", msg.worker, msg.engine,
+                     msg.model, msg.device, ",".join(msg.voices), msg.capacity)
+            return
+        if worker is None:
+            if not isinstance(msg, P.Disconnect):
+                self._send(self.back, identity, P.Reconnect().to_frames())
+            return
+        worker.last_seen = now
+        if isinstance(msg, P.Heartbeat):
+            worker.metrics = msg.metrics
+        elif isinstance(msg, P.JobDone):
+            entry = self.sched.runs.get(msg.run)
+            if entry is None or entry.worker != identity:
+                return
+            self.sched.remove(entry.job)
+            worker.jobs_done += 1
+            self.counters["done"] += 1
+            self._finish_replay(msg.run)
+            if entry.first_chunk:
+                self.ttfc_ms.append((entry.first_chunk - entry.started) * 1000)
+                del self.ttfc_ms[:-1000]
+            self._to_client(entry.client, P.JobDone(
+                msg.job, msg.run, msg.attempt, msg.chunks, msg.samples, msg.sample_rate, msg.ttfc_ms, msg.rtf,
+                worker.info.worker))
+        elif isinstance(msg, P.JobFailed):
+            entry = self.sched.runs.get(msg.run)
+            if entry is None or entry.worker != identity:
+                return
+            worker.jobs_failed += 1
+            if msg.retryable:
+                self._requeue([entry], msg.message)
+            else:
+                self.sched.remove(entry.job)
+                self.counters["failed"] += 1
+                self._to_client(entry.client, P.JobFailed(entry.job, msg.code, msg.message, entry.run,
+                                                          entry.attempt))
+        elif isinstance(msg, P.Disconnect):
+            log.info("worker %s left", worker.info.worker)
+            self._requeue(self.sched.drop_worker(identity), "worker stopped")
+
+    def _requeue(self, entries: list[JobEntry], reason: str) -> None:
+        for entry in entries:
+            run, attempt = entry.run, entry.attempt
+            if self.sched.retry_or_fail(entry):
+                self.counters["retried"] += 1
+                log.info("job %s: attempt %d lost (%s); requeued", entry.job, attempt, reason)
+            else:
+                self.counters["failed"] += 1
+                self._to_client(entry.client, P.JobFailed(
+                    entry.job, P.WORKER_LOST, f"{reason}; gave up after {attempt} attempts", run, attempt))
+
+    def _heartbeat(self, now: float) -> None:
+        window = self.config.heartbeat_s * self.config.liveness
+        for identity, w in list(self.sched.workers.items()):
+            if now - w.last_seen > window:
+                log.warning("worker %s missed its heartbeats: declared dead", w.info.worker)
+                self._requeue(self.sched.drop_worker(identity), f"worker {w.info.worker} died")
+            else:
+                self._send(self.back, identity, P.Heartbeat(epoch=self.epoch).to_frames())
+        # Jobs of clients that vanished are cancelled, not rendered to nobody.
+        gone = {c for c, (_, seen) in self.clients.items() if now - seen > self.config.client_timeout_s}
+        if gone:
+            for entry in [e for e in self.sched.jobs.values() if e.client in gone]:
+                log.info("job %s: client %s is gone; cancelled", entry.job, entry.client)
+                self._cancel(entry, P.CLIENT_GONE, "client stopped answering")
+            for c in gone:
+                del self.clients[c]
+        # Replay buffers of finished runs expire.
+        while self.replay:
+            run, buf = next(iter(self.replay.items()))
+            if buf.finished and now - buf.finished > self.config.replay_ttl_s:
+                self._evict_oldest()
+            elif not buf.finished and run not in self.sched.runs and now - buf.finished > self.config.replay_ttl_s:
+                self._evict_oldest()
+            else:
+                break
+
+    def _dispatch(self) -> None:
+        for entry, worker in self.sched.dispatch(self.subscribed):
+            job = P.Job(entry.job, entry.run, entry.attempt, entry.text, entry.voice, entry.speed)
+            if not self._send(self.back, worker.identity, job.to_frames()):
+                self._requeue(self.sched.drop_worker(worker.identity), "worker unreachable")
+                continue
+            self._to_client(entry.client, P.Started(entry.job, entry.run, entry.attempt, worker.info.worker))
+
+    # --- status ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        ttfc = sorted(self.ttfc_ms)
+        workers = []
+        for w in self.sched.workers.values():
+            i = w.info
+            workers.append({
+                "name": i.worker, "engine": i.engine, "model": i.model, "device": i.device, "host": i.host,
+                "pid": i.pid, "voices": i.voices, "default_voice": i.default_voice, "sample_rate": i.sample_rate,
+                "capacity": i.capacity, "running": len(w.running),
+                "state": "busy" if w.running else "idle",
+                "jobs_done": w.jobs_done, "jobs_failed": w.jobs_failed,
+                "last_seen_ms": round((now - w.last_seen) * 1000, 1), "metrics": w.metrics,
+            })
+        return {
+            "broker": {"version": __version__, "pid": os.getpid(), "epoch": self.epoch,
+                       "uptime_s": round(time.time() - self.started, 1), "endpoints": self.endpoints.as_dict()},
+            "queue": dict(self.sched.queued),
+            "running": len(self.sched.runs),
+            "workers": workers,
+            "voices": self.sched.voices(),
+            "counters": dict(self.counters),
+            "ttfc_ms_p50": ttfc[len(ttfc) // 2] if ttfc else None,
+            "replay_buffer_bytes": self.replay_total,
+        }
+
+
+def run_broker(endpoints: Endpoints, config: BrokerConfig) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    broker = Broker(endpoints, config)
+    broker.run(stop)
+    return 0

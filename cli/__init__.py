@@ -1,0 +1,1 @@
+"""The `cosy` command."""

@@ -1,0 +1,174 @@
+"""The `cosy` command. Each command imports what it needs when it runs, so `cosy --help` stays fast.
+
+Exit codes: 0 ok; 1 a job failed; 2 usage or input rejected; 3 broker unreachable;
+4 broker busy or timed out; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from cosy.cli import exits
+
+app = typer.Typer(
+    name="cosy",
+    help="Self-hosted streaming text-to-speech: a ZeroMQ broker, warm workers, CosyVoice and Piper.",
+    no_args_is_help=True,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+RuntimeDirOpt = typer.Option(None, "--runtime-dir", envvar="COSY_RUNTIME_DIR",
+                             help="Folder of the broker's ipc sockets [default: $XDG_RUNTIME_DIR/cosy].")
+ConnectOpt = typer.Option(None, "--connect", envvar="COSY_CONNECT",
+                          help="tcp://HOST:PORT of a broker (four ports from PORT) instead of ipc.")
+LogLevelOpt = typer.Option("INFO", "--log-level", envvar="COSY_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR.")
+
+
+def _endpoints(runtime_dir: Path | None, url: str | None):
+    from cosy.endpoints import EndpointError, resolve
+
+    try:
+        return resolve(runtime_dir, url)
+    except EndpointError as exc:
+        exits.fail(str(exc), exits.USAGE)
+
+
+def _options(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            exits.fail(f"--option takes key=value, got {pair!r}", exits.USAGE)
+        out[key.replace("-", "_")] = value
+    return out
+
+
+@app.command()
+def broker(
+    runtime_dir: Path | None = RuntimeDirOpt,
+    bind: str | None = typer.Option(None, "--bind", help="tcp://HOST:PORT to listen on instead of ipc."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow binding a non-loopback address without keys."),
+    heartbeat_ms: int = typer.Option(1000, "--heartbeat-ms", help="Heartbeat interval, both ways."),
+    liveness: int = typer.Option(3, "--liveness", help="Missed heartbeats before a worker is dead."),
+    max_queue: int = typer.Option(20_000, "--max-queue", help="Queued jobs before BUSY rejections."),
+    max_attempts: int = typer.Option(3, "--max-attempts", help="Attempts per job when workers die."),
+    client_timeout_s: float = typer.Option(10.0, "--client-timeout", help="Seconds of client silence "
+                                           "before its jobs are cancelled."),
+    group: bool = typer.Option(False, "--group", help="Let the runtime directory's group use the sockets."),
+    log_level: str = LogLevelOpt,
+) -> None:
+    """Run the broker in the foreground (what cosy-broker.service runs)."""
+    from cosy import logs
+    from cosy.broker.server import BrokerAlreadyRunning, BrokerConfig, run_broker
+
+    logs.setup(log_level)
+    eps = _endpoints(runtime_dir, bind)
+    if eps.is_tcp and not eps.is_loopback() and not insecure:
+        exits.fail(f"refusing to listen on {eps.host}: not a loopback address. CURVE keys are needed to "
+                   "serve other hosts; pass --insecure to do it without.", exits.USAGE)
+    config = BrokerConfig(heartbeat_s=heartbeat_ms / 1000, liveness=liveness, max_queue=max_queue,
+                          max_attempts=max_attempts, client_timeout_s=client_timeout_s, group_shared=group)
+    try:
+        raise typer.Exit(run_broker(eps, config))
+    except BrokerAlreadyRunning as exc:
+        exits.fail(str(exc), exits.USAGE)
+
+
+@app.command()
+def worker(
+    engine: str = typer.Option("piper", "--engine", "-e", help="piper, cosyvoice (or tone, for tests)."),
+    device: str | None = typer.Option(None, "--device", "-d", help="GPU index (sets CUDA_VISIBLE_DEVICES)."),
+    name: str | None = typer.Option(None, "--name", help="Worker name [default: host:pid]."),
+    option: list[str] = typer.Option([], "--option", "-O", help="Engine option key=value (repeatable)."),
+    runtime_dir: Path | None = RuntimeDirOpt,
+    connect: str | None = ConnectOpt,
+    heartbeat_ms: int = typer.Option(1000, "--heartbeat-ms"),
+    log_level: str = LogLevelOpt,
+) -> None:
+    """Run one worker: load an engine once, keep it warm, serve jobs from the broker."""
+    from cosy.workers.main import run_worker
+
+    if device is not None:
+        # Before anything imports torch or CUDA: the only way to pick a GPU for CosyVoice.
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    eps = _endpoints(runtime_dir, connect)
+    raise typer.Exit(run_worker(engine, eps, _options(option), name, heartbeat_ms / 1000, log_level, device))
+
+
+@app.command()
+def up(
+    engine: str = typer.Option("piper", "--engine", "-e", help="Engine for every worker."),
+    workers: int = typer.Option(1, "--workers", "-n", min=1, max=64, help="How many worker processes."),
+    option: list[str] = typer.Option([], "--option", "-O", help="Engine option key=value (repeatable)."),
+    runtime_dir: Path | None = RuntimeDirOpt,
+    heartbeat_ms: int = typer.Option(1000, "--heartbeat-ms"),
+    log_level: str = LogLevelOpt,
+) -> None:
+    """Start a broker and N workers as separate processes, in the foreground. Ctrl-C stops them all."""
+    from cosy.cli.up import run_up
+    from cosy.endpoints import resolve
+
+    eps = resolve(runtime_dir, None)
+    raise typer.Exit(run_up(eps, engine, workers, _options(option), heartbeat_ms, log_level))
+
+
+@app.command()
+def say(
+    text: str | None = typer.Argument(None, help="Text to speak; '-' reads standard input."),
+    file: Path | None = typer.Option(None, "--file", "-f", help="Read the text from a file."),
+    voice: str | None = typer.Option(None, "--voice", "-v", envvar="COSY_VOICE", help="Voice name."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Save to FILE (.wav/.flac/.ogg), '-' for stdout."),
+    raw: bool = typer.Option(False, "--raw", help="With -o -: raw 16-bit little-endian PCM, not WAV."),
+    no_play: bool = typer.Option(False, "--no-play", help="Do not play through the speakers."),
+    speed: float = typer.Option(1.0, "--speed", "-s", help="Speaking rate, 0.25-4.0."),
+    priority: str = typer.Option("interactive", "--priority", help="interactive or bulk."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Give up after this many seconds."),
+    list_voices: bool = typer.Option(False, "--list-voices", help="List the voices the workers serve."),
+    verbose: bool = typer.Option(False, "--verbose", help="Print time to first audio and real-time factor."),
+    runtime_dir: Path | None = RuntimeDirOpt,
+    connect: str | None = ConnectOpt,
+) -> None:
+    """Speak TEXT: play it as it is synthesized, and/or save it.
+
+    Examples:\n
+      cosy say "Hello there."\n
+      echo "From a pipe." | cosy say - --out hello.wav --no-play\n
+      cosy say -f chapter.txt -o - | aplay
+    """
+    from cosy.cli.say import run_say
+
+    eps = _endpoints(runtime_dir, connect)
+    raise typer.Exit(run_say(eps, text=text, file=file, voice=voice, out=out, raw=raw, play=not no_play,
+                             speed=speed, priority=priority, timeout=timeout, list_voices=list_voices,
+                             verbose=verbose))
+
+
+@app.command()
+def status(
+    json_out: bool = typer.Option(False, "--json", help="Print the broker's status as JSON."),
+    watch: float | None = typer.Option(None, "--watch", "-w", help="Refresh every N seconds."),
+    runtime_dir: Path | None = RuntimeDirOpt,
+    connect: str | None = ConnectOpt,
+) -> None:
+    """Show the broker, its queue and its workers."""
+    from cosy.cli.status import run_status
+
+    eps = _endpoints(runtime_dir, connect)
+    raise typer.Exit(run_status(eps, json_out, watch))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(exits.INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

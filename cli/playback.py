@@ -1,0 +1,110 @@
+"""Live playback through sounddevice with a small jitter buffer.
+
+Playback starts with the first chunk. The PortAudio callback pulls from a queue of
+chunks; when the queue runs dry before the job is finished (an underrun) it plays
+silence and counts it, and resumes as soon as audio arrives.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+
+class NoAudioDevice(RuntimeError):
+    """No usable audio output: the message says why, in one line."""
+
+
+def _sounddevice() -> Any:
+    try:
+        import sounddevice as sd
+    except OSError:
+        raise NoAudioDevice("no audio output: the PortAudio library is missing "
+                            "(Debian/Ubuntu: apt install libportaudio2)") from None
+    return sd
+
+
+def check_output_device() -> str:
+    sd = _sounddevice()
+    try:
+        dev = sd.query_devices(kind="output")
+    except Exception:
+        raise NoAudioDevice("no audio output device found (no sound server or sound card)") from None
+    return str(dev["name"])
+
+
+class LivePlayer:
+    def __init__(self, sample_rate: int, prebuffer_ms: float = 0.0, device: str | int | None = None) -> None:
+        sd = _sounddevice()
+        self.sample_rate = sample_rate
+        self.prebuffer = int(sample_rate * prebuffer_ms / 1000)
+        self._queue: deque[np.ndarray] = deque()
+        self._offset = 0
+        self._buffered = 0
+        self._lock = threading.Lock()
+        self._finished = False
+        self._drained = threading.Event()
+        self._started = self.prebuffer == 0
+        self.underruns = 0
+        self.played = 0
+        try:
+            self._stream = sd.RawOutputStream(samplerate=sample_rate, channels=1, dtype="int16",
+                                              device=device, callback=self._callback, latency="low")
+            self._stream.start()
+        except Exception as exc:
+            raise NoAudioDevice(f"cannot open the audio output: {str(exc).splitlines()[0]}") from None
+
+    def feed(self, pcm: np.ndarray) -> None:
+        with self._lock:
+            self._queue.append(pcm)
+            self._buffered += len(pcm)
+            if not self._started and self._buffered >= self.prebuffer:
+                self._started = True
+
+    def restart(self) -> None:
+        """A new attempt replaces the old one: drop what is still queued of the old."""
+        with self._lock:
+            self._queue.clear()
+            self._offset = 0
+            self._buffered = 0
+
+    def finish(self) -> None:
+        with self._lock:
+            self._finished = True
+            self._started = True
+
+    def _callback(self, outdata: Any, frames: int, _time: Any, _status: Any) -> None:
+        out = np.frombuffer(outdata, dtype=np.int16)
+        filled = 0
+        with self._lock:
+            while self._started and filled < frames and self._queue:
+                head = self._queue[0]
+                take = min(frames - filled, len(head) - self._offset)
+                out[filled:filled + take] = head[self._offset:self._offset + take]
+                filled += take
+                self._offset += take
+                self._buffered -= take
+                if self._offset >= len(head):
+                    self._queue.popleft()
+                    self._offset = 0
+            finished = self._finished and not self._queue
+            if filled < frames and self._started and not finished and self.played:
+                self.underruns += 1
+            self.played += filled
+        out[filled:] = 0
+        if finished:
+            self._drained.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ok = self._drained.wait(timeout)
+        return ok
+
+    def close(self) -> None:
+        try:
+            self._stream.stop()
+            self._stream.close()
+        except Exception:
+            pass

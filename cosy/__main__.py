@@ -1,0 +1,3 @@
+from cosy.cli.main import main
+
+main()

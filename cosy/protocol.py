@@ -1,0 +1,438 @@
+"""The cosy wire protocol, version 1 (see PROTOCOL.md).
+
+Control messages on the front (client <-> broker) and back (worker <-> broker)
+sockets are three frames after any ROUTER identity:
+
+    [PROTO, TYPE, BODY]
+
+PROTO is ``b"COSY1"``, TYPE one of the ASCII names below and BODY a msgpack map.
+Audio chunks on the PUB/XSUB/XPUB path are three frames:
+
+    [TOPIC, HEADER, PCM]
+
+TOPIC is ``job_id + b"\\0"`` (the NUL keeps ``job1`` from prefix-matching ``job10``),
+HEADER a msgpack map (:class:`ChunkHeader`) and PCM the raw little-endian samples.
+
+Every decoder here validates what a peer sent and raises :class:`ProtocolError`
+on anything malformed; loops catch it, log it and drop the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+PROTO = b"COSY1"
+VERSION = 1
+
+# Sizes. MAX_*_MSG become ZMQ_MAXMSGSIZE on the bound sockets: a peer that sends
+# more is disconnected by libzmq before the bytes reach Python.
+MAX_FRONT_MSG = 1 << 20  # 1 MiB: room for a rejected over-long text to get a clear answer
+MAX_BACK_MSG = 1 << 20
+MAX_AUDIO_MSG = 8 << 20
+MAX_SUB_MSG = 1024  # subscriptions arriving on the broker's XPUB
+MAX_TEXT_CHARS = 20_000
+MAX_JOB_ID = 64
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+INTERACTIVE = "interactive"
+BULK = "bulk"
+PRIORITIES = (INTERACTIVE, BULK)
+
+SAMPLE_FORMATS = {"s16le": 2, "f32le": 4}
+
+# Rejection / failure codes (PROTOCOL.md "Errors").
+BAD_REQUEST = "BAD_REQUEST"
+BUSY = "BUSY"
+TEXT_TOO_LONG = "TEXT_TOO_LONG"
+UNKNOWN_VOICE = "UNKNOWN_VOICE"
+DUPLICATE_JOB = "DUPLICATE_JOB"
+UNKNOWN_JOB = "UNKNOWN_JOB"
+SHUTTING_DOWN = "SHUTTING_DOWN"
+ENGINE_ERROR = "ENGINE_ERROR"
+WORKER_LOST = "WORKER_LOST"
+CANCELLED = "CANCELLED"
+NO_SUBSCRIBER = "NO_SUBSCRIBER"
+REPLAY_GONE = "REPLAY_GONE"
+CLIENT_GONE = "CLIENT_GONE"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol."""
+
+
+_unpack_limits = dict(
+    raw=False,
+    strict_map_key=True,
+    max_str_len=MAX_FRONT_MSG,
+    max_bin_len=MAX_AUDIO_MSG,
+    max_array_len=4096,
+    max_map_len=256,
+    max_ext_len=0,
+)
+
+
+def packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack_map(data: bytes) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(data, **_unpack_limits)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable msgpack body: {exc.__class__.__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("body is not a msgpack map")
+    return obj
+
+
+# --- field checking -----------------------------------------------------------------
+
+_TYPES: dict[Any, tuple[type, ...]] = {
+    str: (str,),
+    int: (int,),
+    float: (float, int),
+    bool: (bool,),
+    bytes: (bytes,),
+    list: (list,),
+    dict: (dict,),
+}
+
+
+def _check(cls: type, body: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    hints = cls.__annotations__
+    for f in dataclasses.fields(cls):
+        if f.name in ("TYPE",):
+            continue
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
+            continue
+        value = body[f.name]
+        hint = hints[f.name]
+        optional = isinstance(hint, str) and hint.endswith("| None")
+        base = hint.split("|")[0].strip() if isinstance(hint, str) else hint
+        base = base.split("[")[0] if isinstance(base, str) else base
+        expected = {"str": str, "int": int, "float": float, "bool": bool, "bytes": bytes,
+                    "list": list, "dict": dict}.get(base, None) if isinstance(base, str) else base
+        if value is None and optional:
+            out[f.name] = None
+            continue
+        if expected is not None:
+            ok = isinstance(value, _TYPES[expected])
+            if expected in (int, float) and isinstance(value, bool):
+                ok = False
+            if not ok:
+                raise ProtocolError(f"{cls.__name__}: field {f.name!r} has type {type(value).__name__}")
+            if expected is float:
+                value = float(value)
+        out[f.name] = value
+    return out
+
+
+def check_job_id(job: str) -> str:
+    if not JOB_ID_RE.match(job):
+        raise ProtocolError("job id must be 1-64 characters of A-Z a-z 0-9 . _ : - (not starting with a symbol)")
+    return job
+
+
+M = TypeVar("M", bound="Message")
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[bytes] = b""
+
+    def to_frames(self) -> list[bytes]:
+        return [PROTO, self.TYPE, packb(dataclasses.asdict(self))]
+
+    @classmethod
+    def from_body(cls: type[M], body: dict[str, Any]) -> M:
+        msg = cls(**_check(cls, body))
+        msg.validate()
+        return msg
+
+    def validate(self) -> None:
+        """Semantic checks beyond types; raise ProtocolError."""
+
+
+# --- client -> broker ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submit(Message):
+    TYPE: ClassVar[bytes] = b"SUBMIT"
+    job: str
+    text: str
+    client: str
+    voice: str | None = None
+    speed: float = 1.0
+    priority: str = INTERACTIVE
+
+    def validate(self) -> None:
+        check_job_id(self.job)
+        if not (1 <= len(self.client) <= 64):
+            raise ProtocolError("client id must be 1-64 characters")
+        if self.priority not in PRIORITIES:
+            raise ProtocolError(f"priority must be one of {PRIORITIES}")
+        if self.voice is not None and not (1 <= len(self.voice) <= 128):
+            raise ProtocolError("voice name must be 1-128 characters")
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    TYPE: ClassVar[bytes] = b"CANCEL"
+    job: str
+    client: str
+
+    def validate(self) -> None:
+        check_job_id(self.job)
+
+
+@dataclass(frozen=True)
+class StatusRequest(Message):
+    TYPE: ClassVar[bytes] = b"STATUS"
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    """Client heartbeat: keeps the client's jobs alive and learns the broker epoch."""
+
+    TYPE: ClassVar[bytes] = b"PING"
+    client: str
+
+
+@dataclass(frozen=True)
+class Replay(Message):
+    """Ask for chunks of a run again, from the broker's replay buffer."""
+
+    TYPE: ClassVar[bytes] = b"REPLAY"
+    job: str
+    run: str
+    seqs: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check_job_id(self.job)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seqs):
+            raise ProtocolError("seqs must be non-negative integers")
+
+
+# --- broker -> client ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accepted(Message):
+    TYPE: ClassVar[bytes] = b"ACCEPTED"
+    job: str
+    epoch: str
+    queued: int = 0
+
+
+@dataclass(frozen=True)
+class Rejected(Message):
+    TYPE: ClassVar[bytes] = b"REJECTED"
+    job: str
+    code: str
+    message: str
+    voices: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Started(Message):
+    TYPE: ClassVar[bytes] = b"STARTED"
+    job: str
+    run: str
+    attempt: int
+    worker: str
+
+
+@dataclass(frozen=True)
+class JobDone(Message):
+    """Sent by the worker to the broker, and forwarded by the broker to the client."""
+
+    TYPE: ClassVar[bytes] = b"DONE"
+    job: str
+    run: str
+    attempt: int
+    chunks: int
+    samples: int
+    sample_rate: int
+    ttfc_ms: float = 0.0
+    rtf: float = 0.0
+    worker: str = ""
+
+
+@dataclass(frozen=True)
+class JobFailed(Message):
+    """Sent by a worker (one attempt failed) and by the broker (the job failed for good)."""
+
+    TYPE: ClassVar[bytes] = b"FAILED"
+    job: str
+    code: str
+    message: str
+    run: str = ""
+    attempt: int = 0
+    retryable: bool = False
+
+
+@dataclass(frozen=True)
+class StatusReply(Message):
+    TYPE: ClassVar[bytes] = b"STATUS_REPLY"
+    status: dict
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    TYPE: ClassVar[bytes] = b"PONG"
+    epoch: str
+
+
+@dataclass(frozen=True)
+class ReplayChunk(Message):
+    """A replayed audio chunk sent over the (reliable) front socket: HEADER + PCM frames."""
+
+    TYPE: ClassVar[bytes] = b"CHUNK"
+
+
+# --- worker <-> broker --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready(Message):
+    TYPE: ClassVar[bytes] = b"READY"
+    worker: str
+    engine: str
+    model: str
+    voices: list[str]
+    default_voice: str
+    sample_rate: int
+    device: str
+    capacity: int
+    pid: int
+    host: str = ""
+
+    def validate(self) -> None:
+        if not (1 <= self.capacity <= 256):
+            raise ProtocolError("capacity must be 1-256")
+        if not all(isinstance(v, str) for v in self.voices):
+            raise ProtocolError("voices must be strings")
+        if not 1 <= len(self.worker) <= 128:
+            raise ProtocolError("worker name must be 1-128 characters")
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """Both ways on the back socket. From a worker it carries its running runs and metrics."""
+
+    TYPE: ClassVar[bytes] = b"HEARTBEAT"
+    epoch: str = ""
+    runs: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job(Message):
+    TYPE: ClassVar[bytes] = b"JOB"
+    job: str
+    run: str
+    attempt: int
+    text: str
+    voice: str | None = None
+    speed: float = 1.0
+
+
+@dataclass(frozen=True)
+class CancelRun(Message):
+    TYPE: ClassVar[bytes] = b"CANCEL"
+    job: str
+    run: str
+
+
+@dataclass(frozen=True)
+class Reconnect(Message):
+    """Broker -> worker: I do not know you (e.g. after a broker restart); send READY again."""
+
+    TYPE: ClassVar[bytes] = b"RECONNECT"
+
+
+@dataclass(frozen=True)
+class Disconnect(Message):
+    """Worker -> broker: I am stopping; requeue whatever I still run."""
+
+    TYPE: ClassVar[bytes] = b"DISCONNECT"
+
+
+CLIENT_MESSAGES: dict[bytes, type[Message]] = {
+    m.TYPE: m for m in (Submit, Cancel, StatusRequest, Ping, Replay)
+}
+BROKER_TO_CLIENT: dict[bytes, type[Message]] = {
+    m.TYPE: m for m in (Accepted, Rejected, Started, JobDone, JobFailed, StatusReply, Pong)
+}
+WORKER_MESSAGES: dict[bytes, type[Message]] = {
+    m.TYPE: m for m in (Ready, Heartbeat, JobDone, JobFailed, Disconnect)
+}
+BROKER_TO_WORKER: dict[bytes, type[Message]] = {
+    m.TYPE: m for m in (Heartbeat, Job, CancelRun, Reconnect)
+}
+
+
+def decode(frames: list[bytes], table: dict[bytes, type[Message]]) -> Message:
+    """Decode ``[PROTO, TYPE, BODY]`` against a table of allowed types."""
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames, got {len(frames)}")
+    proto, mtype, body = frames
+    if proto != PROTO:
+        raise ProtocolError(f"unknown protocol tag {bytes(proto[:16])!r}")
+    cls = table.get(bytes(mtype))
+    if cls is None:
+        raise ProtocolError(f"unexpected message type {bytes(mtype[:32])!r}")
+    return cls.from_body(unpack_map(body))
+
+
+# --- audio chunks -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    job: str
+    run: str
+    attempt: int
+    seq: int
+    sample_rate: int
+    format: str
+    channels: int
+    final: bool = False
+    # Totals, on the final chunk only: how many chunks and samples the run produced.
+    total_chunks: int = 0
+    total_samples: int = 0
+
+    def pack(self) -> bytes:
+        return packb(dataclasses.asdict(self))
+
+    @staticmethod
+    def unpack(data: bytes) -> ChunkHeader:
+        try:
+            m = msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=256, max_array_len=0,
+                                max_map_len=16, max_bin_len=0, max_ext_len=0)
+        except Exception as exc:
+            raise ProtocolError(f"undecodable chunk header: {exc.__class__.__name__}") from None
+        if not isinstance(m, dict):
+            raise ProtocolError("chunk header must be a msgpack map")
+        h = ChunkHeader(**_check(ChunkHeader, m))
+        if (h.format not in SAMPLE_FORMATS or not (1 <= h.channels <= 8)
+                or not (1000 <= h.sample_rate <= 384_000) or h.seq < 0 or h.attempt < 1):
+            raise ProtocolError("chunk header out of range")
+        return h
+
+    @property
+    def sample_width(self) -> int:
+        return SAMPLE_FORMATS[self.format]
+
+
+def topic(job: str) -> bytes:
+    return job.encode() + b"\0"
