@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from cosy import __version__
+from cosy import __version__, sdnotify
 from cosy import protocol as P
 from cosy.broker.scheduler import JobEntry, Scheduler, WorkerEntry
 from cosy.endpoints import Endpoints, ensure_runtime_dir
@@ -128,6 +128,9 @@ class Broker:
         self._bind()
         self.bound.set()
         log.info("broker %s listening on %s (epoch %s)", __version__, self.endpoints.front, self.epoch)
+        sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
+        watchdog = sdnotify.Watchdog()
+        next_status = 0.0
         poller = zmq.Poller()
         for s in (self.front, self.back, self.audio_in, self.audio_out):
             poller.register(s, zmq.POLLIN)
@@ -138,6 +141,10 @@ class Broker:
                 if now >= next_hb:
                     self._heartbeat(now)
                     next_hb = now + self.config.heartbeat_s
+                watchdog.tick()
+                if now >= next_status:
+                    sdnotify.notify(f"STATUS={self._status_line()}")
+                    next_status = now + 5.0
                 timeout_ms = max(0.0, min(next_hb - now, 0.1)) * 1000
                 events = dict(poller.poll(timeout_ms))
                 if self.audio_in in events:
@@ -150,7 +157,13 @@ class Broker:
                     self._drain(self.front, self._on_client)
                 self._dispatch()
         finally:
+            sdnotify.notify("STOPPING=1")
             self.close()
+
+    def _status_line(self) -> str:
+        q = self.sched.queued
+        return (f"{len(self.sched.workers)} workers, {len(self.sched.runs)} running, "
+                f"queued {q[P.INTERACTIVE]} interactive + {q[P.BULK]} bulk")
 
     def close(self) -> None:
         for name in ("front", "back", "audio_in", "audio_out"):

@@ -163,6 +163,21 @@ def status(
     raise typer.Exit(run_status(eps, json_out, watch))
 
 
+# Commands that live in their own modules. Each module has register(app) and keeps its heavy
+# imports inside the command functions.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     try:
         app()

@@ -25,6 +25,7 @@ import numpy as np
 import zmq
 
 from cosy import protocol as P
+from cosy import sdnotify
 from cosy.endpoints import Endpoints
 from cosy.workers.engines import Engine, EngineError, SynthesisRequest
 
@@ -174,15 +175,19 @@ class Worker:
         registered = False
         broker_seen = time.monotonic()
         next_hb = 0.0
+        watchdog = sdnotify.Watchdog()
         try:
             while not stop.is_set():
                 now = time.monotonic()
+                watchdog.tick()
                 if audio_ready and not registered:
                     dealer.send_multipart(self._ready_msg().to_frames())
                     registered = True
                     broker_seen = now
                     log.info("worker %s ready (%s, voices: %s)", self.name, self.engine.name,
                              ", ".join(self._voices))
+                    sdnotify.notify(f"READY=1\nSTATUS=serving {self.engine.name} "
+                                    f"({self.engine.model}) on {self.engine.device}")
                     if self.on_ready:
                         self.on_ready()
                 if registered and now >= next_hb:
@@ -223,6 +228,7 @@ class Worker:
                             self._cancel_all()
                             registered = False
             # Clean stop: tell the broker, so it requeues what we still run at once.
+            sdnotify.notify("STOPPING=1")
             self._cancel_all()
             if registered:
                 dealer.send_multipart(P.Disconnect().to_frames())

@@ -1,0 +1,159 @@
+"""Real processes for tests: a broker and workers started as `python -m cosy ...`, cleaned up by PID.
+
+Every wait here polls a real condition (a socket file, the broker's status) with a deadline;
+nothing sleeps for a fixed time and then assumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HEARTBEAT_MS = 200  # fast failure detection in tests: a dead worker is noticed in ~0.6 s
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class Stack:
+    """A broker plus workers in their own runtime directory."""
+
+    def __init__(self, runtime_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="cosy-", dir="/tmp"))
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env.pop("COSY_RUNTIME_DIR", None)
+        self.broker: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    # --- processes ------------------------------------------------------------------
+
+    def spawn(self, *args: str, name: str, stdin: Any = None, stdout: Any = None) -> subprocess.Popen:
+        log = self.runtime_dir / f"{name}.log"
+        self.logs.append(log)
+        proc = subprocess.Popen([sys.executable, "-m", "cosy", *args], env=self.env, stdin=stdin,
+                                stdout=stdout if stdout is not None else open(log, "ab"),  # noqa: SIM115
+                                stderr=subprocess.STDOUT if stdout is None else open(log, "ab"))  # noqa: SIM115
+        self.procs.append(proc)
+        return proc
+
+    def start_broker(self, *extra: str) -> subprocess.Popen:
+        self.broker = self.spawn("broker", "--runtime-dir", str(self.runtime_dir),
+                                 "--heartbeat-ms", str(HEARTBEAT_MS), *extra, name="broker")
+        wait_for(lambda: (self.runtime_dir / "front.sock").exists() or self.broker.poll() is not None,
+                 15, "the broker's socket")
+        assert self.broker.poll() is None, self.log_text()
+        return self.broker
+
+    def start_worker(self, engine: str = "piper", name: str | None = None, options: dict[str, Any] | None = None,
+                     wait: bool = True) -> subprocess.Popen:
+        name = name or f"{engine}-{len(self.workers)}"
+        opts: list[str] = []
+        for k, v in (options or {}).items():
+            opts += ["--option", f"{k}={v}"]
+        proc = self.spawn("worker", "--engine", engine, "--name", name, "--runtime-dir", str(self.runtime_dir),
+                          "--heartbeat-ms", str(HEARTBEAT_MS), *opts, name=name)
+        self.workers[name] = proc
+        if wait:
+            self.wait_worker(name)
+        return proc
+
+    def wait_worker(self, name: str, timeout: float = 60) -> dict:
+        def ready() -> dict | None:
+            proc = self.workers[name]
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker {name} exited with {proc.returncode}:\n{self.log_text()}")
+            for w in self.status()["workers"]:
+                if w["name"] == name:
+                    return w
+            return None
+
+        return wait_for(ready, timeout, f"worker {name} to register", interval=0.05)
+
+    def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def log_text(self) -> str:
+        out = []
+        for log in self.logs:
+            if log.exists():
+                out.append(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}")
+        return "\n".join(out)
+
+    # --- the CLI --------------------------------------------------------------------
+
+    def cosy(self, *args: str, input: bytes | None = None, timeout: float = 60,
+             check: bool = False) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "cosy", *args, "--runtime-dir", str(self.runtime_dir)],
+                              env=self.env, input=input, capture_output=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"cosy {' '.join(args)} exited {proc.returncode}:\n"
+                                 f"{proc.stderr.decode(errors='replace')}\n{self.log_text()}")
+        return proc
+
+    def status(self) -> dict:
+        proc = self.cosy("status", "--json", timeout=15)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.decode(errors="replace"))
+        return json.loads(proc.stdout)
+
+    @property
+    def endpoints(self):
+        from cosy.endpoints import ipc_endpoints
+
+        return ipc_endpoints(self.runtime_dir)
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    data, rate = sf.read(str(path), dtype="int16")
+    return data, rate
+
+
+def transcribe(audio: np.ndarray, rate: int) -> str:
+    """Real speech recognition (PocketSphinx and its bundled English model) for intelligibility checks."""
+    from pocketsphinx import Decoder
+
+    n = int(len(audio) * 16000 / rate)
+    x = np.interp(np.arange(n) * rate / 16000, np.arange(len(audio)), audio.astype(np.float32)).astype(np.int16)
+    dec = Decoder(samprate=16000, loglevel="FATAL")
+    dec.start_utt()
+    dec.process_raw(x.tobytes(), full_utt=True)
+    dec.end_utt()
+    hyp = dec.hyp()
+    return hyp.hypstr if hyp else ""
