@@ -229,10 +229,20 @@ class Broker:
                 self.counters["malformed"] += 1
                 continue
             entry = self.sched.runs.get(header.run)
-            if entry is None or frames[0].bytes != P.topic(entry.job):
-                continue  # a cancelled or unknown run: nobody wants it
-            if not entry.first_chunk:
-                entry.first_chunk = time.monotonic()
+            if entry is not None:
+                job = entry.job
+                if not entry.first_chunk:
+                    entry.first_chunk = time.monotonic()
+            else:
+                # The worker's DONE (on the back socket) can overtake the run's last chunks (on
+                # audio-in): a run that just finished still has its replay buffer, so keep forwarding.
+                buf = self.replay.get(header.run)
+                if buf is None or not buf.finished:
+                    continue  # a cancelled or unknown run: nobody wants it
+                job = buf.job
+            if frames[0].bytes != P.topic(job) or header.job != job:
+                self.counters["malformed"] += 1
+                continue
             self._buffer(header, frames[1], frames[2])
             try:
                 self.audio_out.send_multipart(frames, zmq.NOBLOCK, copy=False)
@@ -247,17 +257,23 @@ class Broker:
         buf.chunks[header.seq] = (hframe, pframe)
         buf.nbytes += n
         self.replay_total += n
-        while self.replay_total > self.config.replay_bytes and len(self.replay) > 1:
+        while self.replay_total > self.config.replay_bytes and self.replay:
             self._evict_oldest()
+
+    def _drop_replay(self, run: str) -> None:
+        buf = self.replay.pop(run, None)
+        if buf is not None:
+            self.replay_total -= buf.nbytes
 
     def _evict_oldest(self) -> None:
         _, old = self.replay.popitem(last=False)
         self.replay_total -= old.nbytes
 
-    def _finish_replay(self, run: str) -> None:
+    def _finish_replay(self, run: str, job: str) -> None:
         buf = self.replay.get(run)
-        if buf:
-            buf.finished = time.monotonic()
+        if buf is None:  # DONE before any chunk got here: make room for the late ones
+            buf = self.replay[run] = ReplayBuffer(job)
+        buf.finished = time.monotonic()
 
     def _read_subscriptions(self) -> None:
         for _ in range(1000):
@@ -331,6 +347,7 @@ class Broker:
 
     def _cancel(self, entry: JobEntry, code: str, message: str) -> None:
         self.sched.remove(entry.job)
+        self._drop_replay(entry.run)
         self.counters["cancelled"] += 1
         if entry.running:
             self._send(self.back, entry.worker, P.CancelRun(entry.job, entry.run).to_frames())  # type: ignore[arg-type]
@@ -381,7 +398,7 @@ class Broker:
             self.sched.remove(entry.job)
             worker.jobs_done += 1
             self.counters["done"] += 1
-            self._finish_replay(msg.run)
+            self._finish_replay(msg.run, entry.job)
             if entry.first_chunk:
                 self.ttfc_ms.append((entry.first_chunk - entry.started) * 1000)
                 del self.ttfc_ms[:-1000]
@@ -431,15 +448,13 @@ class Broker:
                 self._cancel(entry, P.CLIENT_GONE, "client stopped answering")
             for c in gone:
                 del self.clients[c]
-        # Replay buffers of finished runs expire.
+        # Replay buffers expire: finished runs after the TTL, abandoned ones (retried) at once.
         while self.replay:
             run, buf = next(iter(self.replay.items()))
-            if buf.finished and now - buf.finished > self.config.replay_ttl_s:
-                self._evict_oldest()
-            elif not buf.finished and run not in self.sched.runs and now - buf.finished > self.config.replay_ttl_s:
-                self._evict_oldest()
-            else:
+            expired = now - buf.finished > self.config.replay_ttl_s if buf.finished else run not in self.sched.runs
+            if not expired:
                 break
+            self._evict_oldest()
 
     def _dispatch(self) -> None:
         for entry, worker in self.sched.dispatch(self.subscribed):

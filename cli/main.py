@@ -61,6 +61,8 @@ def broker(
     client_timeout_s: float = typer.Option(10.0, "--client-timeout", help="Seconds of client silence "
                                            "before its jobs are cancelled."),
     group: bool = typer.Option(False, "--group", help="Let the runtime directory's group use the sockets."),
+    replay_buffer_mb: float = typer.Option(64, "--replay-buffer-mb", help="Memory for repairing lost chunks "
+                                           "(0 disables repair)."),
     log_level: str = LogLevelOpt,
 ) -> None:
     """Run the broker in the foreground (what cosy-broker.service runs)."""
@@ -73,7 +75,8 @@ def broker(
         exits.fail(f"refusing to listen on {eps.host}: not a loopback address. CURVE keys are needed to "
                    "serve other hosts; pass --insecure to do it without.", exits.USAGE)
     config = BrokerConfig(heartbeat_s=heartbeat_ms / 1000, liveness=liveness, max_queue=max_queue,
-                          max_attempts=max_attempts, client_timeout_s=client_timeout_s, group_shared=group)
+                          max_attempts=max_attempts, client_timeout_s=client_timeout_s, group_shared=group,
+                          replay_bytes=int(replay_buffer_mb * (1 << 20)))
     try:
         raise typer.Exit(run_broker(eps, config))
     except BrokerAlreadyRunning as exc:

@@ -248,7 +248,7 @@ class Client:
         self._next_ping = now + self.ping_s
 
     def _on_control(self, frames: list[bytes], events: list[Event]) -> None:
-        if len(frames) == 5 and frames[0] == P.PROTO and frames[1] == P.ReplayChunk.TYPE:
+        if len(frames) == 4 and frames[0] == P.PROTO and frames[1] == P.ReplayChunk.TYPE:
             self._on_chunk(frames[2], frames[3], events, replayed=True)
             return
         try:

@@ -1,0 +1,144 @@
+"""The voice registry: reference voices for zero-shot engines (CosyVoice).
+
+A voice is a folder ``<name>/`` holding ``voice.json`` (metadata), the reference audio
+(``reference.wav``, mono, 3-30 s) and its exact transcript (in voice.json). Voices are
+looked up in the user's folder first (``$COSY_VOICES_DIR``, else
+``$XDG_DATA_HOME/cosy/voices``), then in the voices shipped with cosy (this folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MIN_S, MAX_S = 3.0, 30.0
+STORE_RATE = 24_000  # CosyVoice2/3's rate; engines resample to what they need
+
+
+class VoiceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Voice:
+    name: str
+    transcript: str
+    language: str
+    audio: str  # file name inside the voice folder
+    sample_rate: int
+    duration_s: float
+    licence: str = ""
+    description: str = ""
+    folder: str = ""
+
+    @property
+    def audio_path(self) -> Path:
+        return Path(self.folder) / self.audio
+
+
+def shipped_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def user_dir() -> Path:
+    env = os.environ.get("COSY_VOICES_DIR")
+    if env:
+        return Path(env)
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "cosy" / "voices"
+
+
+def voice_dirs() -> list[Path]:
+    return [user_dir(), shipped_dir()]
+
+
+def _load(folder: Path) -> Voice | None:
+    meta = folder / "voice.json"
+    if not meta.is_file():
+        return None
+    try:
+        data = json.loads(meta.read_text())
+        return Voice(**{**data, "folder": str(folder)})
+    except (ValueError, TypeError):
+        return None
+
+
+def list_voices(dirs: list[Path] | None = None) -> list[Voice]:
+    found: dict[str, Voice] = {}
+    for base in dirs or voice_dirs():
+        if not base.is_dir():
+            continue
+        for folder in sorted(base.iterdir()):
+            voice = _load(folder) if folder.is_dir() else None
+            if voice is not None and voice.name not in found:
+                found[voice.name] = voice
+    return sorted(found.values(), key=lambda v: v.name)
+
+
+def get_voice(name: str, dirs: list[Path] | None = None) -> Voice:
+    for voice in list_voices(dirs):
+        if voice.name == name:
+            return voice
+    names = ", ".join(v.name for v in list_voices(dirs)) or "none"
+    raise VoiceError(f"unknown voice {name!r}; voices in the registry: {names}")
+
+
+def _resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target:
+        return audio
+    n = int(round(len(audio) * target / rate))
+    return np.interp(np.arange(n) * rate / target, np.arange(len(audio)), audio).astype(np.float32)
+
+
+def add_voice(name: str, audio_file: Path, transcript: str, language: str = "", licence: str = "",
+              description: str = "", dest: Path | None = None, replace: bool = False) -> Voice:
+    """Validate a reference recording and store it as a voice (mono, 24 kHz, 16-bit)."""
+    import soundfile as sf
+
+    if not NAME_RE.match(name):
+        raise VoiceError("a voice name is 1-64 characters of a-z 0-9 _ - (starting with a letter or digit)")
+    if not transcript.strip():
+        raise VoiceError("the transcript of the reference audio is required (--text)")
+    try:
+        audio, rate = sf.read(str(audio_file), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise VoiceError(f"cannot read {audio_file}: {exc}") from None
+    mono = audio.mean(axis=1)
+    duration = len(mono) / rate
+    if not MIN_S <= duration <= MAX_S:
+        raise VoiceError(f"the reference is {duration:.1f} s long; it must be {MIN_S:g}-{MAX_S:g} s")
+    if float(np.abs(mono).max(initial=0.0)) < 1e-3:
+        raise VoiceError("the reference audio is silent")
+    base = dest or user_dir()
+    folder = base / name
+    if folder.exists():
+        if not replace:
+            raise VoiceError(f"voice {name!r} exists in {base}; remove it first")
+        shutil.rmtree(folder)
+    tmp = base / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stored = _resample(mono, rate, STORE_RATE)
+    sf.write(str(tmp / "reference.wav"), stored, STORE_RATE, subtype="PCM_16")
+    voice = Voice(name=name, transcript=transcript.strip(), language=language, audio="reference.wav",
+                  sample_rate=STORE_RATE, duration_s=round(len(stored) / STORE_RATE, 3), licence=licence,
+                  description=description)
+    meta = {k: v for k, v in asdict(voice).items() if k != "folder"}
+    (tmp / "voice.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.rename(folder)
+    return Voice(**{**meta, "folder": str(folder)})
+
+
+def remove_voice(name: str, dest: Path | None = None) -> None:
+    folder = (dest or user_dir()) / name
+    if not (folder / "voice.json").is_file():
+        where = "the shipped voices" if (shipped_dir() / name / "voice.json").is_file() else "the registry"
+        raise VoiceError(f"voice {name!r} is not a user voice in {dest or user_dir()} (it is in {where})")
+    shutil.rmtree(folder)
