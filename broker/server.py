@@ -145,7 +145,7 @@ class Broker:
                 if now >= next_status:
                     sdnotify.notify(f"STATUS={self._status_line()}")
                     next_status = now + 5.0
-                timeout_ms = max(0.0, min(next_hb - now, 0.1)) * 1000
+                timeout_ms = max(0.0, min(next_hb - now, 0.1, watchdog.due_in())) * 1000
                 events = dict(poller.poll(timeout_ms))
                 if self.audio_in in events:
                     self._forward_audio()
@@ -381,6 +381,8 @@ class Broker:
             if worker is not None:  # re-registration: whatever it ran is lost
                 self._requeue(self.sched.drop_worker(identity), "worker re-registered")
             self.sched.workers[identity] = WorkerEntry(identity, msg, now)
+            # An immediate heartbeat acknowledges the registration (the worker reports READY to systemd on it).
+            self._send(self.back, identity, P.Heartbeat(epoch=self.epoch).to_frames())
             log.info("worker %s joined: %s/%s on %s, voices %s, capacity %d", msg.worker, msg.engine,
                      msg.model, msg.device, ",".join(msg.voices), msg.capacity)
             return

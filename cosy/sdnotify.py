@@ -5,6 +5,7 @@ Does nothing when NOTIFY_SOCKET is unset (not under systemd), so callers need no
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -19,9 +20,10 @@ def notify(state: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(addr)
-            sock.sendall(state.encode())
+            # Never block the caller's event loop on a listener that is not reading: drop instead.
+            sock.send(state.encode(), socket.MSG_DONTWAIT)
         return True
-    except OSError:
+    except OSError:  # BlockingIOError included
         return False
 
 
@@ -38,6 +40,10 @@ class Watchdog:
     @property
     def enabled(self) -> bool:
         return self.interval_s > 0
+
+    def due_in(self) -> float:
+        """Seconds until the next ping is due, so a poll loop can wake up for it."""
+        return math.inf if not self.enabled else max(0.0, self._next - time.monotonic())
 
     def tick(self) -> None:
         if not self.enabled:

@@ -173,6 +173,7 @@ class Worker:
 
         audio_ready = False
         registered = False
+        acknowledged = False
         broker_seen = time.monotonic()
         next_hb = 0.0
         watchdog = sdnotify.Watchdog()
@@ -184,12 +185,7 @@ class Worker:
                     dealer.send_multipart(self._ready_msg().to_frames())
                     registered = True
                     broker_seen = now
-                    log.info("worker %s ready (%s, voices: %s)", self.name, self.engine.name,
-                             ", ".join(self._voices))
-                    sdnotify.notify(f"READY=1\nSTATUS=serving {self.engine.name} "
-                                    f"({self.engine.model}) on {self.engine.device}")
-                    if self.on_ready:
-                        self.on_ready()
+                    acknowledged = False
                 if registered and now >= next_hb:
                     hb = P.Heartbeat(runs=list(self.runs), metrics={**self.stats.as_metrics(),
                                                                     **self.engine.metrics()})
@@ -206,6 +202,7 @@ class Worker:
                     broker_seen = now
                     continue
                 timeout = max(0.0, min(next_hb - time.monotonic(), 0.25)) if registered else 0.25
+                timeout = min(timeout, watchdog.due_in())
                 events = dict(poller.poll(timeout * 1000))
                 if pull in events:
                     self._drain_results(pull, xpub, dealer)
@@ -224,16 +221,19 @@ class Worker:
                         except zmq.Again:
                             break
                         broker_seen = time.monotonic()
+                        if registered and not acknowledged:
+                            acknowledged = True  # the broker answered our READY: we are serving
+                            self._announce_ready()
                         if self._handle(frames, dealer) == "reconnect":
                             self._cancel_all()
                             registered = False
             # Clean stop: tell the broker, so it requeues what we still run at once.
-            sdnotify.notify("STOPPING=1")
             self._cancel_all()
             if registered:
                 dealer.send_multipart(P.Disconnect().to_frames())
-                time.sleep(0.05)
+                time.sleep(0.05)  # let libzmq hand DISCONNECT to the socket before it closes
         finally:
+            sdnotify.notify("STOPPING=1")
             self._pool.shutdown(wait=False, cancel_futures=True)
             for sock in (pull, xpub, dealer):
                 sock.close(linger=0)
@@ -243,6 +243,12 @@ class Worker:
                         s.close(linger=0)
                     except zmq.ZMQError:
                         pass
+
+    def _announce_ready(self) -> None:
+        log.info("worker %s ready (%s, voices: %s)", self.name, self.engine.name, ", ".join(self._voices))
+        sdnotify.notify(f"READY=1\nSTATUS=serving {self.engine.name} ({self.engine.model}) on {self.engine.device}")
+        if self.on_ready:
+            self.on_ready()
 
     def _cancel_all(self) -> None:
         for run in self.runs.values():
