@@ -153,6 +153,37 @@ def say(
 
 
 @app.command()
+def batch(
+    source: str = typer.Argument(..., help="Input file, one job per line ('-' for standard input). Lines may be "
+                                 "'name<TAB>text' or JSON objects with text, name, voice, speed."),
+    outdir: Path = typer.Option(..., "--outdir", "-d", help="Folder for the audio files and the manifest."),
+    fmt: str = typer.Option("wav", "--format", help="wav, flac or ogg."),
+    voice: str | None = typer.Option(None, "--voice", "-v", envvar="COSY_VOICE", help="Default voice."),
+    speed: float = typer.Option(1.0, "--speed", "-s", help="Default speaking rate, 0.25-4.0."),
+    resume: bool = typer.Option(False, "--resume", help="Skip lines whose file is complete and unchanged."),
+    window: int | None = typer.Option(None, "--window", min=1, max=4096,
+                                         help="Jobs in flight [default: twice the workers' capacity]."),
+    retries: int = typer.Option(2, "--retries", min=0, help="Retries of a failed line."),
+    manifest: str = typer.Option("manifest.jsonl", "--manifest", help="Manifest file name inside --outdir."),
+    line_timeout: float = typer.Option(600.0, "--line-timeout", help="Seconds before a line is retried."),
+    runtime_dir: Path | None = RuntimeDirOpt,
+    connect: str | None = ConnectOpt,
+) -> None:
+    """Render every line of a file to its own audio file, across all workers.
+
+    Examples:\n
+      cosy batch lines.txt --outdir wavs\n
+      cosy batch lines.jsonl --outdir wavs --resume\n
+      cat lines.txt | cosy batch - --outdir wavs --format flac
+    """
+    from cosy.cli.batch import run_batch
+
+    eps = _endpoints(runtime_dir, connect)
+    raise typer.Exit(run_batch(eps, source=source, outdir=outdir, fmt=fmt, voice=voice, speed=speed, resume=resume,
+                               window=window, retries=retries, manifest_name=manifest, timeout=line_timeout))
+
+
+@app.command()
 def status(
     json_out: bool = typer.Option(False, "--json", help="Print the broker's status as JSON."),
     watch: float | None = typer.Option(None, "--watch", "-w", help="Refresh every N seconds."),
@@ -168,7 +199,7 @@ def status(
 
 # Commands that live in their own modules. Each module has register(app) and keeps its heavy
 # imports inside the command functions.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("cosy.cli.systemd_cmd",)
 
 
 def _register_commands() -> None:
