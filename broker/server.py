@@ -98,6 +98,12 @@ class Broker:
         self._lock_file.flush()
 
     def _bind(self) -> None:
+        self._keys = None
+        if self.endpoints.secure:
+            from cosy import security
+
+            self._keys = security.server_keys(self.endpoints.curve_dir)  # type: ignore[arg-type]
+            self._auth = security.start_authenticator(self.ctx, self._keys)
         old = os.umask(0o117 if self.config.group_shared else 0o177)
         try:
             self.front = self._socket(zmq.ROUTER, self.endpoints.front, P.MAX_FRONT_MSG)
@@ -117,6 +123,10 @@ class Broker:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg)
+        if self._keys is not None:
+            from cosy.security import secure_server
+
+            secure_server(sock, self._keys)
         sock.bind(endpoint)
         return sock
 
@@ -179,6 +189,9 @@ class Broker:
         if self._lock_file:
             self._lock_file.close()
             self._lock_file = None
+        auth = getattr(self, "_auth", None)
+        if auth is not None:
+            auth.stop()
         log.info("broker stopped")
 
     def _drain(self, sock: zmq.Socket, handler: Any) -> None:

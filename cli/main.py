@@ -27,14 +27,16 @@ RuntimeDirOpt = typer.Option(None, "--runtime-dir", envvar="COSY_RUNTIME_DIR",
                              help="Folder of the broker's ipc sockets [default: $XDG_RUNTIME_DIR/cosy].")
 ConnectOpt = typer.Option(None, "--connect", envvar="COSY_CONNECT",
                           help="tcp://HOST:PORT of a broker (four ports from PORT) instead of ipc.")
+CurveOpt = typer.Option(None, "--curve-dir", envvar="COSY_CURVE_DIR",
+                        help="CURVE key folder for tcp endpoints (see `cosy keys generate`).")
 LogLevelOpt = typer.Option("INFO", "--log-level", envvar="COSY_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR.")
 
 
-def _endpoints(runtime_dir: Path | None, url: str | None):
+def _endpoints(runtime_dir: Path | None, url: str | None, curve_dir: Path | None = None):
     from cosy.endpoints import EndpointError, resolve
 
     try:
-        return resolve(runtime_dir, url)
+        return resolve(runtime_dir, url, curve_dir)
     except EndpointError as exc:
         exits.fail(str(exc), exits.USAGE)
 
@@ -54,6 +56,7 @@ def broker(
     runtime_dir: Path | None = RuntimeDirOpt,
     bind: str | None = typer.Option(None, "--bind", help="tcp://HOST:PORT to listen on instead of ipc."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow binding a non-loopback address without keys."),
+    curve_dir: Path | None = CurveOpt,
     heartbeat_ms: int = typer.Option(1000, "--heartbeat-ms", help="Heartbeat interval, both ways."),
     liveness: int = typer.Option(3, "--liveness", help="Missed heartbeats before a worker is dead."),
     max_queue: int = typer.Option(20_000, "--max-queue", help="Queued jobs before BUSY rejections."),
@@ -70,10 +73,17 @@ def broker(
     from cosy.broker.server import BrokerAlreadyRunning, BrokerConfig, run_broker
 
     logs.setup(log_level)
-    eps = _endpoints(runtime_dir, bind)
-    if eps.is_tcp and not eps.is_loopback() and not insecure:
-        exits.fail(f"refusing to listen on {eps.host}: not a loopback address. CURVE keys are needed to "
-                   "serve other hosts; pass --insecure to do it without.", exits.USAGE)
+    eps = _endpoints(runtime_dir, bind, curve_dir)
+    if eps.is_tcp and not eps.is_loopback() and not eps.secure and not insecure:
+        exits.fail(f"refusing to listen on {eps.host} without CURVE keys: it is not a loopback address. "
+                   "Pass --curve-dir (see `cosy keys generate`), or --insecure to do it anyway.", exits.USAGE)
+    if eps.secure:
+        from cosy.security import KeyError_, server_keys
+
+        try:
+            server_keys(eps.curve_dir)  # type: ignore[arg-type]
+        except KeyError_ as exc:
+            exits.fail(str(exc), exits.USAGE)
     config = BrokerConfig(heartbeat_s=heartbeat_ms / 1000, liveness=liveness, max_queue=max_queue,
                           max_attempts=max_attempts, client_timeout_s=client_timeout_s, group_shared=group,
                           replay_bytes=int(replay_buffer_mb * (1 << 20)))
@@ -91,6 +101,7 @@ def worker(
     option: list[str] = typer.Option([], "--option", "-O", help="Engine option key=value (repeatable)."),
     runtime_dir: Path | None = RuntimeDirOpt,
     connect: str | None = ConnectOpt,
+    curve_dir: Path | None = CurveOpt,
     heartbeat_ms: int = typer.Option(1000, "--heartbeat-ms"),
     log_level: str = LogLevelOpt,
 ) -> None:
@@ -100,7 +111,14 @@ def worker(
     if device is not None:
         # Before anything imports torch or CUDA: the only way to pick a GPU for CosyVoice.
         os.environ["CUDA_VISIBLE_DEVICES"] = device
-    eps = _endpoints(runtime_dir, connect)
+    eps = _endpoints(runtime_dir, connect, curve_dir)
+    if eps.secure:
+        from cosy.security import KeyError_, client_keys
+
+        try:
+            client_keys(eps.curve_dir)  # type: ignore[arg-type]
+        except KeyError_ as exc:
+            exits.fail(str(exc), exits.USAGE)
     raise typer.Exit(run_worker(engine, eps, _options(option), name, heartbeat_ms / 1000, log_level, device))
 
 
@@ -210,6 +228,29 @@ def _register_commands() -> None:
 
 
 _register_commands()
+
+
+keys_app = typer.Typer(help="CURVE keys for brokers, workers and clients on other hosts.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    directory: Path = typer.Option(Path("."), "--dir", help="Folder for the key files."),
+    name: str = typer.Option(..., "--name", help="server, client, or any name (e.g. a host's)."),
+) -> None:
+    """Create NAME.key (public, 0644) and NAME.key_secret (0600).
+
+    The broker needs server.key_secret and an authorized/ folder of the public keys it lets in;
+    a client or worker needs client.key_secret and the broker's server.key (see docs/deploy.md).
+    """
+    from cosy.security import KeyError_, generate
+
+    try:
+        public, secret = generate(directory, name)
+    except KeyError_ as exc:
+        exits.fail(str(exc), exits.USAGE)
+    print(f"public key:  {public}\nsecret key:  {secret} (keep it private)")
 
 
 def main() -> None:

@@ -22,6 +22,9 @@ def fetch_status(eps: Endpoints, timeout_s: float = 3.0) -> dict[str, Any]:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    from cosy.security import prepare_client
+
+    prepare_client(sock, eps.curve_dir if eps.secure else None)
     sock.connect(eps.front)
     try:
         sock.send_multipart(P.StatusRequest().to_frames())

@@ -23,6 +23,7 @@ import zmq
 
 from cosy import protocol as P
 from cosy.endpoints import Endpoints
+from cosy.security import prepare_client
 
 PING_S = 1.0
 GAP_WAIT_S = 0.15  # how long a gap may stay open before a replay is requested
@@ -147,7 +148,7 @@ class JobState:
 
 class Client:
     def __init__(self, endpoints: Endpoints, ctx: zmq.Context | None = None, client_id: str | None = None,
-                 ping_s: float = PING_S, drop_chunk: object = None) -> None:
+                 ping_s: float = PING_S, drop_chunk: object = None, rcvhwm: int = 100_000) -> None:
         self.endpoints = endpoints
         self.ctx = ctx or zmq.Context.instance()
         self.client_id = client_id or f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
@@ -158,12 +159,15 @@ class Client:
         self._next_ping = 0.0
         # Fault injection for tests only: a callable(header) -> bool that drops chunks on arrival.
         self._drop_chunk = drop_chunk
+        curve = endpoints.curve_dir if endpoints.secure else None
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
+        prepare_client(self.dealer, curve)
         self.dealer.connect(endpoints.front)
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.RCVHWM, 100_000)
+        self.sub.setsockopt(zmq.RCVHWM, rcvhwm)
+        prepare_client(self.sub, curve)
         self.sub.connect(endpoints.audio_out)
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)

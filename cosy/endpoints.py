@@ -56,6 +56,11 @@ class Endpoints:
     audio_in: str
     audio_out: str
     runtime_dir: Path | None = None
+    curve_dir: Path | None = None  # CURVE keys for tcp endpoints (cosy.security)
+
+    @property
+    def secure(self) -> bool:
+        return self.is_tcp and self.curve_dir is not None
 
     @property
     def is_tcp(self) -> bool:
@@ -103,7 +108,7 @@ def ipc_endpoints(runtime_dir: Path) -> Endpoints:
     return eps
 
 
-def tcp_endpoints(url: str, runtime_dir: Path | None = None) -> Endpoints:
+def tcp_endpoints(url: str, runtime_dir: Path | None = None, curve_dir: Path | None = None) -> Endpoints:
     if not url.startswith("tcp://"):
         raise EndpointError(f"expected tcp://HOST:PORT, got {url!r}")
     host, _, port_s = url[len("tcp://"):].rpartition(":")
@@ -118,11 +123,13 @@ def tcp_endpoints(url: str, runtime_dir: Path | None = None) -> Endpoints:
         audio_in=f"tcp://{host}:{port + 2}",
         audio_out=f"tcp://{host}:{port + 3}",
         runtime_dir=runtime_dir,
+        curve_dir=curve_dir,
     )
 
 
-def resolve(runtime_dir: Path | None, url: str | None) -> Endpoints:
+def resolve(runtime_dir: Path | None, url: str | None, curve_dir: Path | None = None) -> Endpoints:
     rd = Path(runtime_dir) if runtime_dir else default_runtime_dir()
     if url:
-        return tcp_endpoints(url, rd)
+        curve = curve_dir or (Path(os.environ["COSY_CURVE_DIR"]) if os.environ.get("COSY_CURVE_DIR") else None)
+        return tcp_endpoints(url, rd, curve)
     return ipc_endpoints(rd)

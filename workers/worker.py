@@ -27,6 +27,7 @@ import zmq
 from cosy import protocol as P
 from cosy import sdnotify
 from cosy.endpoints import Endpoints
+from cosy.security import prepare_client
 from cosy.workers.engines import Engine, EngineError, SynthesisRequest
 
 log = logging.getLogger("cosy.worker")
@@ -75,6 +76,7 @@ class Worker:
         self._voices = [v.name for v in engine.voices()]
         self._sample_width = 2
         self.epoch = ""
+        self._curve = endpoints.curve_dir if endpoints.secure else None
 
     # --- engine side (synthesis threads) ------------------------------------------
 
@@ -141,6 +143,7 @@ class Worker:
         dealer = self.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.MAXMSGSIZE, P.MAX_BACK_MSG)
+        prepare_client(dealer, self._curve)
         dealer.connect(self.endpoints.back)
         return dealer
 
@@ -163,6 +166,7 @@ class Worker:
         xpub = self.ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.LINGER, 0)
         xpub.setsockopt(zmq.SNDHWM, 100_000)
+        prepare_client(xpub, self._curve)
         xpub.connect(self.endpoints.audio_in)
         dealer = self._connect_dealer()
 
