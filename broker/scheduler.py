@@ -33,6 +33,8 @@ class JobEntry:
     worker: bytes | None = None
     started: float = 0.0
     first_chunk: float = 0.0
+    # Workers that lost or failed this job: a retry goes elsewhere when another worker can take it.
+    avoid: set[bytes] = field(default_factory=set)
 
     @property
     def running(self) -> bool:
@@ -143,19 +145,27 @@ class Scheduler:
                         break
                     if P.topic(entry.job) not in subscribed and now - entry.submitted < self.subscribe_wait_s:
                         continue
-                    worker = self._best_worker(entry.voice)
+                    worker = self._best_worker(entry.voice, entry.avoid)
                     if worker is not None:
                         clients.move_to_end(client)  # the next pick starts with another client
                         return entry, worker
         return None
 
-    def _best_worker(self, voice: str | None) -> WorkerEntry | None:
+    def _best_worker(self, voice: str | None, avoid: set[bytes] = frozenset()) -> WorkerEntry | None:  # type: ignore[assignment]
+        """The least loaded free worker for the voice, preferring one that has not failed this job."""
         best: WorkerEntry | None = None
+        best_key: tuple[bool, float] = (False, -1.0)
         for w in self.workers.values():
             if w.free > 0 and w.serves(voice):
-                if best is None or w.free / w.info.capacity > best.free / best.info.capacity:
-                    best = w
+                key = (w.identity not in avoid, w.free / w.info.capacity)
+                if best is None or key > best_key:
+                    best, best_key = w, key
+        if best is not None and best.identity in avoid and self._others_could_serve(voice, avoid):
+            return None  # wait for a worker that has not failed it
         return best
+
+    def _others_could_serve(self, voice: str | None, avoid: set[bytes]) -> bool:
+        return any(w.serves(voice) and w.identity not in avoid for w in self.workers.values())
 
     # --- worker failures ------------------------------------------------------------
 
@@ -165,6 +175,8 @@ class Scheduler:
         w = self.workers.get(entry.worker)  # type: ignore[arg-type]
         if w:
             w.running.discard(entry.run)
+        if entry.worker is not None:
+            entry.avoid.add(entry.worker)
         entry.worker = None
         entry.run = ""
         if entry.attempt >= self.max_attempts:

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,10 @@ class BrokerConfig:
     client_timeout_s: float = 10.0
     replay_bytes: int = 64 << 20  # total replay buffer across runs
     replay_ttl_s: float = 60.0
+    metrics_port: int | None = None  # Prometheus exporter (cosy.metrics), off by default
+    outbox_limit: int = 200_000  # messages held for a client that does not read, before dropping
     group_shared: bool = False
+    audio_hwm: int = 100_000  # chunks queued per subscriber before PUB/SUB drops (then replay repairs)
 
 
 @dataclass
@@ -72,10 +75,16 @@ class Broker:
         self.clients: dict[str, tuple[bytes, float]] = {}  # client id -> (route, last seen)
         self.replay: OrderedDict[str, ReplayBuffer] = OrderedDict()  # run -> buffer
         self.replay_total = 0
+        self.outbox: dict[bytes, deque[list[Any]]] = {}
         self.counters = {"accepted": 0, "rejected": 0, "done": 0, "failed": 0, "retried": 0,
                          "cancelled": 0, "malformed": 0, "replayed": 0}
         self.ttfc_ms: list[float] = []
         self._lock_file: Any = None
+        self.metrics: Any = None
+        if self.config.metrics_port:
+            from cosy.metrics import BrokerMetrics
+
+            self.metrics = BrokerMetrics()
         self.bound = threading.Event()
 
     # --- setup ----------------------------------------------------------------------
@@ -106,23 +115,22 @@ class Broker:
             self._auth = security.start_authenticator(self.ctx, self._keys)
         old = os.umask(0o117 if self.config.group_shared else 0o177)
         try:
-            self.front = self._socket(zmq.ROUTER, self.endpoints.front, P.MAX_FRONT_MSG)
-            self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self.back = self._socket(zmq.ROUTER, self.endpoints.back, P.MAX_BACK_MSG)
-            self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self.audio_in = self._socket(zmq.XSUB, self.endpoints.audio_in, P.MAX_AUDIO_MSG)
-            self.audio_in.setsockopt(zmq.RCVHWM, 100_000)
+            self.front = self._socket(zmq.ROUTER, self.endpoints.front, P.MAX_FRONT_MSG, {zmq.ROUTER_MANDATORY: 1})
+            self.back = self._socket(zmq.ROUTER, self.endpoints.back, P.MAX_BACK_MSG, {zmq.ROUTER_MANDATORY: 1})
+            self.audio_in = self._socket(zmq.XSUB, self.endpoints.audio_in, P.MAX_AUDIO_MSG, {zmq.RCVHWM: 100_000})
             self.audio_in.send(b"\x01")  # subscribe to everything: the broker buffers all audio
-            self.audio_out = self._socket(zmq.XPUB, self.endpoints.audio_out, P.MAX_SUB_MSG)
-            self.audio_out.setsockopt(zmq.XPUB_VERBOSE, 1)
-            self.audio_out.setsockopt(zmq.SNDHWM, 100_000)
+            self.audio_out = self._socket(zmq.XPUB, self.endpoints.audio_out, P.MAX_SUB_MSG,
+                                          {zmq.XPUB_VERBOSE: 1, zmq.SNDHWM: self.config.audio_hwm})
         finally:
             os.umask(old)
 
-    def _socket(self, kind: int, endpoint: str, max_msg: int) -> zmq.Socket:
+    def _socket(self, kind: int, endpoint: str, max_msg: int, options: dict[int, int]) -> zmq.Socket:
+        # Options before bind: libzmq gives each accepted connection the options the socket had at bind.
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg)
+        for option, value in options.items():
+            sock.setsockopt(option, value)
         if self._keys is not None:
             from cosy.security import secure_server
 
@@ -136,6 +144,8 @@ class Broker:
         stop = stop or threading.Event()
         self._lock_runtime_dir()
         self._bind()
+        if self.metrics:
+            self.metrics.serve(self.config.metrics_port)
         self.bound.set()
         log.info("broker %s listening on %s (epoch %s)", __version__, self.endpoints.front, self.epoch)
         sdnotify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self._status_line()}")
@@ -155,7 +165,7 @@ class Broker:
                 if now >= next_status:
                     sdnotify.notify(f"STATUS={self._status_line()}")
                     next_status = now + 5.0
-                timeout_ms = max(0.0, min(next_hb - now, 0.1, watchdog.due_in())) * 1000
+                timeout_ms = max(0.0, min(next_hb - now, 0.01 if self.outbox else 0.1, watchdog.due_in())) * 1000
                 events = dict(poller.poll(timeout_ms))
                 if self.audio_in in events:
                     self._forward_audio()
@@ -166,8 +176,12 @@ class Broker:
                 if self.front in events:
                     self._drain(self.front, self._on_client)
                 self._dispatch()
+                if self.outbox:
+                    self._flush_outbox()
         finally:
             sdnotify.notify("STOPPING=1")
+            if self.metrics:
+                self.metrics.close()
             self.close()
 
     def _status_line(self) -> str:
@@ -213,12 +227,42 @@ class Broker:
                 log.exception("error while handling a message; dropped")
 
     def _send(self, sock: zmq.Socket, route: bytes, frames: list[Any]) -> bool:
+        """Send without ever blocking the loop. A client whose queue is full (it is busy submitting,
+        not reading) gets the message later from its outbox, in order: no DONE is ever dropped."""
+        if sock is self.front and route in self.outbox:
+            return self._queue_out(route, frames)
         try:
-            sock.send_multipart([route, *frames], zmq.NOBLOCK)
+            sock.send_multipart([route, *frames], zmq.NOBLOCK, copy=False)
             return True
-        except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or its queue full (EAGAIN)
+        except zmq.Again:
+            if sock is self.front:
+                return self._queue_out(route, frames)
+            log.debug("worker %r is not reading; message dropped", route)
+            return False
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
             log.debug("could not send to %r: %s", route, exc)
             return False
+
+    def _queue_out(self, route: bytes, frames: list[Any]) -> bool:
+        box = self.outbox.setdefault(route, deque())
+        if len(box) >= self.config.outbox_limit:
+            log.warning("client %r has not read %d messages; dropping the oldest", route, len(box))
+            box.popleft()
+        box.append(frames)
+        return True
+
+    def _flush_outbox(self) -> None:
+        for route in list(self.outbox):
+            box = self.outbox[route]
+            try:
+                while box:
+                    self.front.send_multipart([route, *box[0]], zmq.NOBLOCK, copy=False)
+                    box.popleft()
+            except zmq.Again:
+                continue
+            except zmq.ZMQError:
+                box.clear()  # the client is gone
+            del self.outbox[route]
 
     def _to_client(self, client: str, msg: P.Message) -> None:
         route = self.clients.get(client)
@@ -321,8 +365,16 @@ class Broker:
         elif isinstance(msg, P.Replay):
             self._on_replay(route, msg)
 
+    def _count(self, outcome: str) -> None:
+        self.counters[outcome] += 1
+        if self.metrics:
+            if outcome == "retried":
+                self.metrics.retried()
+            else:
+                self.metrics.count(outcome)
+
     def _reject(self, route: bytes, job: str, code: str, message: str, voices: list[str] | None = None) -> None:
-        self.counters["rejected"] += 1
+        self._count("rejected")
         self._send(self.front, route, P.Rejected(job, code, message, voices or []).to_frames())
 
     def _on_submit(self, route: bytes, msg: P.Submit) -> None:
@@ -361,7 +413,7 @@ class Broker:
     def _cancel(self, entry: JobEntry, code: str, message: str) -> None:
         self.sched.remove(entry.job)
         self._drop_replay(entry.run)
-        self.counters["cancelled"] += 1
+        self._count("cancelled")
         if entry.running:
             self._send(self.back, entry.worker, P.CancelRun(entry.job, entry.run).to_frames())  # type: ignore[arg-type]
         self._to_client(entry.client, P.JobFailed(entry.job, code, message, entry.run, entry.attempt))
@@ -378,11 +430,7 @@ class Broker:
             if chunk is None:
                 continue
             self.counters["replayed"] += 1
-            try:
-                self.front.send_multipart([route, P.PROTO, P.ReplayChunk.TYPE, chunk[0], chunk[1]],
-                                          zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError:
-                return
+            self._send(self.front, route, [P.PROTO, P.ReplayChunk.TYPE, chunk[0], chunk[1]])
 
     # --- workers --------------------------------------------------------------------
 
@@ -414,9 +462,11 @@ class Broker:
             worker.jobs_done += 1
             self.counters["done"] += 1
             self._finish_replay(msg.run, entry.job)
-            if entry.first_chunk:
-                self.ttfc_ms.append((entry.first_chunk - entry.started) * 1000)
-                del self.ttfc_ms[:-1000]
+            ttfc_ms = (entry.first_chunk - entry.started) * 1000 if entry.first_chunk else msg.ttfc_ms
+            self.ttfc_ms.append(ttfc_ms)
+            del self.ttfc_ms[:-1000]
+            if self.metrics:
+                self.metrics.observe_done(ttfc_ms, msg.rtf)  # counts "done" too
             self._to_client(entry.client, P.JobDone(
                 msg.job, msg.run, msg.attempt, msg.chunks, msg.samples, msg.sample_rate, msg.ttfc_ms, msg.rtf,
                 worker.info.worker))
@@ -429,7 +479,7 @@ class Broker:
                 self._requeue([entry], msg.message)
             else:
                 self.sched.remove(entry.job)
-                self.counters["failed"] += 1
+                self._count("failed")
                 self._to_client(entry.client, P.JobFailed(entry.job, msg.code, msg.message, entry.run,
                                                           entry.attempt))
         elif isinstance(msg, P.Disconnect):
@@ -440,10 +490,10 @@ class Broker:
         for entry in entries:
             run, attempt = entry.run, entry.attempt
             if self.sched.retry_or_fail(entry):
-                self.counters["retried"] += 1
+                self._count("retried")
                 log.info("job %s: attempt %d lost (%s); requeued", entry.job, attempt, reason)
             else:
-                self.counters["failed"] += 1
+                self._count("failed")
                 self._to_client(entry.client, P.JobFailed(
                     entry.job, P.WORKER_LOST, f"{reason}; gave up after {attempt} attempts", run, attempt))
 
@@ -463,6 +513,12 @@ class Broker:
                 self._cancel(entry, P.CLIENT_GONE, "client stopped answering")
             for c in gone:
                 del self.clients[c]
+        if self.metrics:
+            q = self.sched.queued
+            self.metrics.update_queue(q[P.INTERACTIVE], q[P.BULK], len(self.sched.workers))
+            self.metrics.update_workers([{"name": w.info.worker, "capacity": w.info.capacity,
+                                          "running": len(w.running), "metrics": w.metrics}
+                                         for w in self.sched.workers.values()])
         # Replay buffers expire: finished runs after the TTL, abandoned ones (retried) at once.
         while self.replay:
             run, buf = next(iter(self.replay.items()))

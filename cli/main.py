@@ -29,6 +29,8 @@ ConnectOpt = typer.Option(None, "--connect", envvar="COSY_CONNECT",
                           help="tcp://HOST:PORT of a broker (four ports from PORT) instead of ipc.")
 CurveOpt = typer.Option(None, "--curve-dir", envvar="COSY_CURVE_DIR",
                         help="CURVE key folder for tcp endpoints (see `cosy keys generate`).")
+ModelDirOpt = typer.Option(None, "--model-dir", envvar="COSY_MODEL_DIR",
+                           help="Model folder for the cosyvoice engine (same as --option model_dir=...).")
 LogLevelOpt = typer.Option("INFO", "--log-level", envvar="COSY_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR.")
 
 
@@ -51,6 +53,13 @@ def _options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _engine_options(engine: str, pairs: list[str], model_dir: Path | None) -> dict[str, str]:
+    options = _options(pairs)
+    if model_dir is not None and engine == "cosyvoice":
+        options.setdefault("model_dir", str(model_dir.expanduser().absolute()))
+    return options
+
+
 @app.command()
 def broker(
     runtime_dir: Path | None = RuntimeDirOpt,
@@ -64,6 +73,10 @@ def broker(
     client_timeout_s: float = typer.Option(10.0, "--client-timeout", help="Seconds of client silence "
                                            "before its jobs are cancelled."),
     group: bool = typer.Option(False, "--group", help="Let the runtime directory's group use the sockets."),
+    audio_hwm: int = typer.Option(100_000, "--audio-hwm", help="Chunks queued per audio subscriber before "
+                                  "PUB/SUB drops them (the replay buffer repairs drops)."),
+    metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on "
+                                            "127.0.0.1:PORT/metrics (needs the http extra)."),
     replay_buffer_mb: float = typer.Option(64, "--replay-buffer-mb", help="Memory for repairing lost chunks "
                                            "(0 disables repair)."),
     log_level: str = LogLevelOpt,
@@ -86,7 +99,8 @@ def broker(
             exits.fail(str(exc), exits.USAGE)
     config = BrokerConfig(heartbeat_s=heartbeat_ms / 1000, liveness=liveness, max_queue=max_queue,
                           max_attempts=max_attempts, client_timeout_s=client_timeout_s, group_shared=group,
-                          replay_bytes=int(replay_buffer_mb * (1 << 20)))
+                          replay_bytes=int(replay_buffer_mb * (1 << 20)), audio_hwm=audio_hwm,
+                          metrics_port=metrics_port)
     try:
         raise typer.Exit(run_broker(eps, config))
     except BrokerAlreadyRunning as exc:
@@ -99,6 +113,7 @@ def worker(
     device: str | None = typer.Option(None, "--device", "-d", help="GPU index (sets CUDA_VISIBLE_DEVICES)."),
     name: str | None = typer.Option(None, "--name", help="Worker name [default: host:pid]."),
     option: list[str] = typer.Option([], "--option", "-O", help="Engine option key=value (repeatable)."),
+    model_dir: Path | None = ModelDirOpt,
     runtime_dir: Path | None = RuntimeDirOpt,
     connect: str | None = ConnectOpt,
     curve_dir: Path | None = CurveOpt,
@@ -119,14 +134,17 @@ def worker(
             client_keys(eps.curve_dir)  # type: ignore[arg-type]
         except KeyError_ as exc:
             exits.fail(str(exc), exits.USAGE)
-    raise typer.Exit(run_worker(engine, eps, _options(option), name, heartbeat_ms / 1000, log_level, device))
+    raise typer.Exit(run_worker(engine, eps, _engine_options(engine, option, model_dir), name, heartbeat_ms / 1000,
+                                log_level, device))
 
 
 @app.command()
 def up(
     engine: str = typer.Option("piper", "--engine", "-e", help="Engine for every worker."),
-    workers: int = typer.Option(1, "--workers", "-n", min=1, max=64, help="How many worker processes."),
+    workers: int | None = typer.Option(None, "--workers", "-n", min=1, max=64,
+                                       help="Worker processes [default: one per GPU for cosyvoice, else 1]."),
     option: list[str] = typer.Option([], "--option", "-O", help="Engine option key=value (repeatable)."),
+    model_dir: Path | None = ModelDirOpt,
     runtime_dir: Path | None = RuntimeDirOpt,
     heartbeat_ms: int = typer.Option(1000, "--heartbeat-ms"),
     log_level: str = LogLevelOpt,
@@ -136,7 +154,8 @@ def up(
     from cosy.endpoints import resolve
 
     eps = resolve(runtime_dir, None)
-    raise typer.Exit(run_up(eps, engine, workers, _options(option), heartbeat_ms, log_level))
+    raise typer.Exit(run_up(eps, engine, workers, _engine_options(engine, option, model_dir), heartbeat_ms,
+                            log_level))
 
 
 @app.command()
@@ -217,7 +236,8 @@ def status(
 
 # Commands that live in their own modules. Each module has register(app) and keeps its heavy
 # imports inside the command functions.
-COMMAND_MODULES: tuple[str, ...] = ("cosy.cli.systemd_cmd",)
+COMMAND_MODULES: tuple[str, ...] = ("cosy.cli.voices_cmd", "cosy.cli.doctor", "cosy.cli.systemd_cmd",
+                                     "cosy.cli.gateway_cmds")
 
 
 def _register_commands() -> None:
@@ -254,8 +274,10 @@ def keys_generate(
 
 
 def main() -> None:
+    from cosy.config import cli_default_map
+
     try:
-        app()
+        app(default_map=cli_default_map())
     except KeyboardInterrupt:
         sys.exit(exits.INTERRUPTED)
 

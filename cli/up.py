@@ -27,9 +27,11 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
     next_start: float = 0.0
+    started_at: float = 0.0
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv)
+        self.started_at = time.monotonic()
 
     @property
     def alive(self) -> bool:
@@ -52,6 +54,18 @@ def _wait_for_broker(eps: Endpoints, broker: Child, timeout_s: float = 15.0) -> 
     return False
 
 
+def _devices(engine: str, workers: int | None) -> list[str | None]:
+    """One worker per GPU for the GPU engine (found through NVML); N CPU workers otherwise."""
+    if engine == "cosyvoice":
+        from cosy.gpu import count_gpus
+
+        gpus = count_gpus()
+        if gpus:
+            n = workers or gpus
+            return [str(i % gpus) for i in range(n)]
+    return [None] * (workers or 1)
+
+
 def _stop(children: list[Child]) -> None:
     for c in children:
         if c.alive:
@@ -67,7 +81,7 @@ def _stop(children: list[Child]) -> None:
             c.proc.wait()
 
 
-def run_up(eps: Endpoints, engine: str, workers: int, options: dict[str, str], heartbeat_ms: int,
+def run_up(eps: Endpoints, engine: str, workers: int | None, options: dict[str, str], heartbeat_ms: int,
            log_level: str) -> int:
     assert eps.runtime_dir is not None
     ensure_runtime_dir(eps.runtime_dir)
@@ -77,8 +91,11 @@ def run_up(eps: Endpoints, engine: str, workers: int, options: dict[str, str], h
     for k, v in options.items():
         opts += ["--option", f"{k}={v}"]
     broker = Child("broker", _cosy("broker", *common))
-    pool = [Child(f"worker-{i}", _cosy("worker", "--engine", engine, "--name", f"{engine}-{i}", *opts, *common))
-            for i in range(workers)]
+    devices = _devices(engine, workers)
+    pool = [Child(f"worker-{i}", _cosy("worker", "--engine", engine, "--name", f"{engine}-{i}", *opts, *common,
+                                       *(["--device", dev] if dev is not None else [])))
+            for i, dev in enumerate(devices)]
+    workers = len(pool)
     stopping = False
 
     def on_signal(_signum: int, _frame: object) -> None:
@@ -110,6 +127,8 @@ def run_up(eps: Endpoints, engine: str, workers: int, options: dict[str, str], h
                 if w.alive or stopping:
                     continue
                 if w.next_start == 0.0:
+                    if now - w.started_at > 30:
+                        w.restarts.clear()  # it ran a good while: a crash, not a crash loop
                     w.restarts = [t for t in w.restarts if now - t < 60] + [now]
                     if len(w.restarts) > 5:
                         print(f"cosy up: {w.name} keeps crashing; not restarting it", file=sys.stderr)

@@ -4,8 +4,9 @@ Options (``--option key=value``): ``delay_ms`` before each chunk, ``chunk_ms``
 (audio per chunk), ``ms_per_char`` (audio length per character of text),
 ``voices`` (comma list), ``capacity``, ``sample_rate``, ``frequency``.
 Failure injection for tests: a text containing ``fail_on`` raises an engine
-error; one containing ``crash_on`` kills the process after ``crash_after``
-chunks (as a segfault or the OOM killer would).
+error; one containing ``oom_on`` raises what PyTorch raises on CUDA out-of-memory;
+one containing ``crash_on`` kills the process after ``crash_after`` chunks (as a
+segfault or the OOM killer would).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class ToneEngine:
     def __init__(self, delay_ms: float | str = 0, chunk_ms: float | str = 100, ms_per_char: float | str = 20,
                  voices: str = "tone", capacity: int | str = 4, sample_rate: int | str = 22050,
                  frequency: float | str = 440.0, fail_on: str = "", crash_on: str = "",
-                 crash_after: int | str = 1, first_delay_ms: float | str | None = None) -> None:
+                 crash_after: int | str = 1, first_delay_ms: float | str | None = None, oom_on: str = "") -> None:
         self.model = "sine"
         self.device = "cpu"
         self.sample_rate = int(sample_rate)
@@ -37,6 +38,7 @@ class ToneEngine:
         self._freq = float(frequency)
         self._fail_on = fail_on
         self._crash_on = crash_on
+        self._oom_on = oom_on
         self._crash_after = int(crash_after)
 
     def voices(self) -> list[VoiceInfo]:
@@ -49,6 +51,8 @@ class ToneEngine:
     def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
         if self._fail_on and self._fail_on in request.text:
             raise EngineError("injected failure (fail_on)", retryable=False)
+        if self._oom_on and self._oom_on in request.text:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the tone engine)")
         total = max(1, int(len(request.text) * self._per_char * self.sample_rate / request.speed))
         t = np.arange(total, dtype=np.float32) / self.sample_rate
         wave = (0.3 * 32767 * np.sin(2 * np.pi * self._freq * t)).astype(np.int16)

@@ -1,0 +1,219 @@
+"""Streaming audio containers for the gateways: bytes out as soon as samples come in.
+
+- ``wav``: a RIFF header with unknown sizes (0xFFFFFFFF, as ffmpeg and sox write to a pipe),
+  then raw samples; the voice's native rate.
+- ``pcm``: raw signed 16-bit little-endian mono, no header, at 24 kHz like OpenAI's API
+  (resampled when the voice's rate differs); the rate is also sent in ``X-Sample-Rate``.
+- ``flac``, ``mp3``, ``opus`` (Ogg Opus): libsndfile through soundfile, writing into a
+  sink that hands out each new byte once. What libsndfile rewrites at close (FLAC's total
+  sample count and MD5, LAME's Xing frame) is dropped: those fields then say "unknown", which
+  decoders accept for a stream. MP3 is constant bit rate, so its length estimate is right
+  without the Xing frame. Ogg pages come out about once a second, so ``opus`` streams in
+  steps of about a second.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from cosy.audio import wav_stream_header
+
+OPENAI_PCM_RATE = 24_000
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    name: str
+    content_type: str
+    sndfile: tuple[str, str] | None = None  # (format, subtype) for libsndfile
+
+
+FORMATS: dict[str, AudioFormat] = {
+    "wav": AudioFormat("wav", "audio/wav"),
+    "pcm": AudioFormat("pcm", "audio/pcm"),
+    "flac": AudioFormat("flac", "audio/flac", ("FLAC", "PCM_16")),
+    "mp3": AudioFormat("mp3", "audio/mpeg", ("MP3", "MPEG_LAYER_III")),
+    "opus": AudioFormat("opus", "audio/ogg; codecs=opus", ("OGG", "OPUS")),
+}
+
+
+def available_formats() -> list[str]:
+    """The formats this installation can stream (mp3 and opus need libsndfile >= 1.1 / 1.0.29)."""
+    import soundfile as sf
+
+    out = []
+    for name, fmt in FORMATS.items():
+        if fmt.sndfile is None:
+            out.append(name)
+            continue
+        major, subtype = fmt.sndfile
+        if major in sf.available_formats() and subtype in sf.available_subtypes(major):
+            out.append(name)
+    return out
+
+
+class StreamEncoder(Protocol):
+    content_type: str
+    sample_rate: int  # of the output
+
+    def encode(self, pcm: np.ndarray) -> bytes:
+        """Encode int16 mono samples; the first call's bytes start with the container header."""
+        ...
+
+    def finish(self) -> bytes:
+        """The container's trailing bytes."""
+        ...
+
+
+class LinearResampler:
+    """Streaming linear-interpolation resampler, continuous across chunks (int16 in and out).
+
+    Good enough for speech between close rates (22.05 kHz -> 24 kHz); it does not low-pass, so
+    downsampling by much aliases.
+    """
+
+    def __init__(self, src_rate: int, dst_rate: int) -> None:
+        self.step = src_rate / dst_rate
+        self.pos = 0.0  # position of the next output sample, in input samples from `tail`
+        self.tail: np.ndarray | None = None
+
+    def process(self, pcm: np.ndarray) -> np.ndarray:
+        x = pcm.astype(np.float32)
+        buf = x if self.tail is None else np.concatenate([self.tail, x])
+        last = len(buf) - 1
+        if last < 1:
+            self.tail = buf if len(buf) else self.tail
+            return np.zeros(0, np.int16)
+        if self.pos > last:
+            self.pos -= last
+            self.tail = buf[-1:]
+            return np.zeros(0, np.int16)
+        count = math.floor((last - self.pos) / self.step) + 1
+        where = self.pos + self.step * np.arange(count)
+        out = np.interp(where, np.arange(len(buf)), buf)
+        self.pos = self.pos + self.step * count - last
+        self.tail = buf[-1:]
+        return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
+
+
+class WavEncoder:
+    content_type = "audio/wav"
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self._started = False
+
+    def encode(self, pcm: np.ndarray) -> bytes:
+        data = pcm.astype("<i2", copy=False).tobytes()
+        if not self._started:
+            self._started = True
+            return wav_stream_header(self.sample_rate) + data
+        return data
+
+    def finish(self) -> bytes:
+        return b"" if self._started else wav_stream_header(self.sample_rate)
+
+
+class PcmEncoder:
+    content_type = "audio/pcm"
+
+    def __init__(self, sample_rate: int, out_rate: int | None = OPENAI_PCM_RATE) -> None:
+        self.sample_rate = out_rate or sample_rate
+        self._resampler = LinearResampler(sample_rate, self.sample_rate) if self.sample_rate != sample_rate else None
+
+    def encode(self, pcm: np.ndarray) -> bytes:
+        if self._resampler is not None:
+            pcm = self._resampler.process(pcm)
+        return pcm.astype("<i2", copy=False).tobytes()
+
+    def finish(self) -> bytes:
+        return b""
+
+
+class ForwardSink:
+    """A write-only 'file' for libsndfile that hands out every new byte exactly once.
+
+    libsndfile seeks back at close to patch headers; bytes written below what was already
+    handed out are dropped (counted in ``dropped``), so what the client got stays valid.
+    """
+
+    def __init__(self) -> None:
+        self.pos = 0
+        self.size = 0
+        self.sent = 0
+        self.dropped = 0
+        self._pending = bytearray()
+
+    def write(self, data: bytes) -> int:
+        b = bytes(data)
+        end = self.pos + len(b)
+        skip = max(0, self.sent - self.pos)
+        if skip < len(b):
+            offset = self.pos + skip - self.sent
+            if offset > len(self._pending):
+                self._pending.extend(b"\0" * (offset - len(self._pending)))
+            self._pending[offset:offset + len(b) - skip] = b[skip:]
+        self.dropped += min(skip, len(b))
+        self.pos = end
+        self.size = max(self.size, end)
+        return len(b)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def take(self) -> bytes:
+        out = bytes(self._pending)
+        self.sent += len(out)
+        self._pending.clear()
+        return out
+
+
+class SndfileEncoder:
+    def __init__(self, fmt: AudioFormat, sample_rate: int) -> None:
+        import soundfile as sf
+
+        assert fmt.sndfile is not None
+        major, subtype = fmt.sndfile
+        self.content_type = fmt.content_type
+        self.sample_rate = sample_rate
+        self._resampler: LinearResampler | None = None
+        if subtype == "OPUS" and sample_rate not in OPUS_RATES:
+            self.sample_rate = next((r for r in OPUS_RATES if r >= sample_rate), OPUS_RATES[-1])
+            self._resampler = LinearResampler(sample_rate, self.sample_rate)
+        extra = {"bitrate_mode": "CONSTANT", "compression_level": 0.5} if major == "MP3" else {}
+        self._sink = ForwardSink()
+        self._file = sf.SoundFile(self._sink, mode="w", samplerate=self.sample_rate, channels=1,
+                                  format=major, subtype=subtype, **extra)
+
+    def encode(self, pcm: np.ndarray) -> bytes:
+        if self._resampler is not None:
+            pcm = self._resampler.process(pcm)
+        if len(pcm):
+            self._file.write(pcm.astype(np.int16, copy=False))
+        return self._sink.take()
+
+    def finish(self) -> bytes:
+        self._file.close()
+        return self._sink.take()
+
+
+def make_encoder(name: str, sample_rate: int, pcm_rate: int | None = OPENAI_PCM_RATE) -> StreamEncoder:
+    """An encoder for format ``name`` (a key of FORMATS) fed with int16 mono at ``sample_rate``."""
+    if name == "wav":
+        return WavEncoder(sample_rate)
+    if name == "pcm":
+        return PcmEncoder(sample_rate, pcm_rate)
+    return SndfileEncoder(FORMATS[name], sample_rate)

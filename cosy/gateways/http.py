@@ -1,0 +1,464 @@
+"""`cosy http`: an OpenAI-compatible speech API in front of the broker (Starlette + uvicorn).
+
+  POST /v1/audio/speech   {model, input, voice, response_format, speed, stream_format}
+                          audio streamed with chunked transfer as the worker produces it
+  GET  /v1/models         the models this gateway answers to
+  GET  /v1/audio/voices   the voices the connected workers serve (also /v1/audio/models)
+  GET  /healthz           the process is up
+  GET  /readyz            the broker answers and at least one worker is connected
+  GET  /metrics           Prometheus text format
+
+Every request is a job on the broker; the gateway is an ordinary broker client (see
+:mod:`cosy.gateways.bridge`). Response headers are sent when the first audio arrives, so
+anything that fails before then (unknown voice, full queue, engine error, timeout) is an
+HTTP error in OpenAI's error shape; what fails after it aborts the response (no final
+chunk), never a silently short file. A client that disconnects cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from cosy import protocol as P
+from cosy.client import Audio, BrokerRestarted, Completed, Failed, JobSpec, Rejected
+from cosy.endpoints import Endpoints
+from cosy.gateways.bridge import BrokerBridge, GatewayError, JobHandle
+from cosy.gateways.encode import FORMATS, OPENAI_PCM_RATE, StreamEncoder, available_formats, make_encoder
+from cosy.metrics import GatewayMetrics
+
+log = logging.getLogger("cosy.http")
+
+API = "openai"
+MAX_BODY = 1 << 20
+MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+STREAM_FORMATS = ("audio", "sse")
+
+
+@dataclass
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    timeout_s: float = 60.0  # longest wait for the first audio, and between two chunks
+    pcm_rate: int | None = OPENAI_PCM_RATE  # None: the voice's native rate
+    retry_after_s: int = 2
+    priority: str = P.INTERACTIVE
+    voice_aliases: dict[str, str] = field(default_factory=dict)
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 kind: str = "invalid_request_error", retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.kind = kind
+        self.retry_after = retry_after
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+class StreamAborted(RuntimeError):
+    """The audio already sent cannot be completed: the response is cut without its final chunk."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- the request --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    text: str
+    voice: str | None
+    response_format: str
+    speed: float
+    stream_format: str
+    model: str
+
+
+def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ApiError(400, f"'{name}' must be a {kind.__name__}", "invalid_type", name)
+    return value
+
+
+def parse_speech(body: Any, formats: list[str]) -> SpeechRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", "invalid_request")
+    text = _field(body, "input", str, None)
+    if text is None:
+        raise ApiError(400, "'input' is required", "missing_required_parameter", "input")
+    if not text.strip():
+        raise ApiError(400, "'input' is empty", "empty_input", "input")
+    if len(text) > P.MAX_TEXT_CHARS:
+        raise ApiError(400, f"'input' is {len(text)} characters; the limit is {P.MAX_TEXT_CHARS}",
+                       "string_above_max_length", "input")
+    model = _field(body, "model", str, "tts-1")
+    voice = _field(body, "voice", str, None)
+    if isinstance(voice, str) and not voice.strip():
+        voice = None
+    fmt = _field(body, "response_format", str, "mp3").lower()
+    if fmt not in formats:
+        why = "is not supported by this installation's libsndfile" if fmt in FORMATS else "is not available"
+        raise ApiError(400, f"response_format {fmt!r} {why}; use one of {', '.join(formats)}",
+                       "unsupported_response_format", "response_format")
+    speed = float(_field(body, "speed", float, 1.0))
+    if not 0.25 <= speed <= 4.0:
+        raise ApiError(400, f"'speed' {speed:g} is outside 0.25-4.0", "invalid_speed", "speed")
+    stream_format = _field(body, "stream_format", str, "audio")
+    if stream_format not in STREAM_FORMATS:
+        raise ApiError(400, f"'stream_format' must be one of {', '.join(STREAM_FORMATS)}", "invalid_value",
+                       "stream_format")
+    return SpeechRequest(text, voice, fmt, speed, stream_format, model)
+
+
+def rejection_error(code: str, message: str, retry_after: int) -> ApiError:
+    if code == P.UNKNOWN_VOICE:
+        return ApiError(404, message, "voice_not_found", "voice")
+    if code == P.TEXT_TOO_LONG:
+        return ApiError(400, message, "string_above_max_length", "input")
+    if code == P.BAD_REQUEST:
+        return ApiError(400, message, "invalid_request")
+    if code in (P.BUSY, P.SHUTTING_DOWN):
+        return ApiError(503, message, "queue_full" if code == P.BUSY else "shutting_down", kind="server_error",
+                        retry_after=retry_after)
+    return ApiError(500, message, code.lower(), kind="server_error")
+
+
+def failure_error(code: str, message: str, retry_after: int) -> ApiError:
+    if code in (P.WORKER_LOST, "INCOMPLETE_AUDIO"):
+        return ApiError(502, message, code.lower(), kind="server_error")
+    if code in ("GATEWAY_STOPPED", P.CLIENT_GONE, P.CANCELLED, P.SHUTTING_DOWN):
+        return ApiError(503, message, code.lower(), kind="server_error", retry_after=retry_after)
+    return ApiError(500, message, code.lower(), kind="server_error")
+
+
+# --- the gateway ----------------------------------------------------------------------------
+
+
+class HttpGateway:
+    def __init__(self, endpoints: Endpoints, config: HttpConfig, metrics: GatewayMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or GatewayMetrics()
+        self.bridge = BrokerBridge(endpoints)
+        self.metrics.broker.source = lambda: (self.bridge.snapshot().status, self.bridge.broker_up)
+        self.formats = available_formats()
+
+    # --- auth -------------------------------------------------------------------------
+
+    def check_auth(self, request: Request) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key",
+                           kind="authentication_error")
+
+    # --- routes -----------------------------------------------------------------------
+
+    async def speech(self, request: Request) -> Response:
+        t0 = time.monotonic()
+        try:
+            self.check_auth(request)
+            req = parse_speech(await self._json(request), self.formats)
+            handle = await self._submit(req)
+            first = await self._first_audio(handle, request)
+        except ApiError as err:
+            self.metrics.requests.labels(API, str(err.status)).inc()
+            return err.response()
+        self.metrics.requests.labels(API, "200").inc()
+        encoder = make_encoder(req.response_format, first.sample_rate, self.config.pcm_rate)
+        headers = {"X-Cosy-Job": handle.job, "X-Sample-Rate": str(encoder.sample_rate), "Cache-Control": "no-store"}
+        stream = self._stream(handle, first, encoder, t0)
+        if req.stream_format == "sse":
+            return AudioStreamResponse(_sse(stream), media_type="text/event-stream", headers=headers)
+        if req.response_format == "pcm":
+            headers.update({"X-Sample-Format": "s16le", "X-Channels": "1"})
+        return AudioStreamResponse(stream, media_type=encoder.content_type, headers=headers)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self.check_auth(request)
+        except ApiError as err:
+            return err.response()
+        snap = self.bridge.snapshot()
+        ids = ["cosy", *MODEL_ALIASES]
+        for w in snap.workers:
+            for name in (w.get("engine"), w.get("model")):
+                if name and name not in ids:
+                    ids.append(str(name))
+        data = [{"id": i, "object": "model", "created": 0, "owned_by": "cosy"} for i in ids]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def audio_models(self, request: Request) -> Response:
+        """Open WebUI's model list for a custom OpenAI TTS endpoint."""
+        try:
+            self.check_auth(request)
+        except ApiError as err:
+            return err.response()
+        return JSONResponse({"models": [{"id": i, "name": i} for i in ("cosy", *MODEL_ALIASES)]})
+
+    async def voices(self, request: Request) -> Response:
+        try:
+            self.check_auth(request)
+            snap = await self.bridge.status()
+        except ApiError as err:
+            return err.response()
+        except GatewayError as exc:
+            return ApiError(503, str(exc), "broker_unreachable", kind="server_error",
+                            retry_after=self.config.retry_after_s).response()
+        default = snap.default_voice()
+        served: dict[str, list[str]] = {}
+        for w in snap.workers:
+            for v in w.get("voices", []):
+                served.setdefault(v, []).append(str(w.get("name", "")))
+        voices = [{"id": v, "name": v, "default": v == default, "workers": served[v]} for v in sorted(served)]
+        aliases = [{"id": a, "name": a, "alias_of": v} for a, v in sorted(self.config.voice_aliases.items())]
+        return JSONResponse({"voices": voices + aliases})
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        try:
+            snap = await self.bridge.status()
+        except GatewayError as exc:
+            return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503)
+        if not snap.workers:
+            return JSONResponse({"ready": False, "reason": "no workers are connected"}, status_code=503)
+        return JSONResponse({"ready": True, "workers": len(snap.workers), "voices": snap.voices})
+
+    async def prometheus(self, request: Request) -> Response:
+        try:
+            self.check_auth(request)
+        except ApiError as err:
+            return err.response()
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    # --- the speech path -----------------------------------------------------------------
+
+    @staticmethod
+    async def _json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            raise ApiError(413, f"the request body is over {MAX_BODY} bytes", "request_too_large")
+        body = b""
+        async for part in request.stream():
+            body += part
+            if len(body) > MAX_BODY:
+                raise ApiError(413, f"the request body is over {MAX_BODY} bytes", "request_too_large")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
+
+    async def _submit(self, req: SpeechRequest) -> JobHandle:
+        retry = self.config.retry_after_s
+        try:
+            snap = await self.bridge.status()
+        except GatewayError as exc:
+            raise ApiError(503, str(exc), "broker_unreachable", kind="server_error", retry_after=retry) from None
+        if not snap.workers:
+            raise ApiError(503, "no workers are connected to the broker", "no_workers", kind="server_error",
+                           retry_after=retry)
+        voice = self.config.voice_aliases.get(req.voice, req.voice) if req.voice else None
+        spec = JobSpec(text=req.text, voice=voice, speed=req.speed, priority=self.config.priority)
+        spec.job = f"http-{spec.job}"
+        try:
+            return self.bridge.submit(spec)
+        except GatewayError as exc:
+            raise ApiError(503, str(exc), "shutting_down", kind="server_error", retry_after=retry) from None
+
+    async def _first_audio(self, handle: JobHandle, request: Request) -> Audio:
+        """Wait for the job's first audio; a rejection, failure or timeout becomes an ApiError."""
+        deadline = time.monotonic() + self.config.timeout_s
+        retry = self.config.retry_after_s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ApiError(504, f"no audio within {self.config.timeout_s:g} s; the job was cancelled",
+                                   "timeout", kind="server_error")
+                try:
+                    ev = await asyncio.wait_for(handle.events.get(), min(left, 0.5))
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise ApiError(499, "the client went away", "client_closed") from None
+                    continue
+                if isinstance(ev, Audio):
+                    return ev
+                if isinstance(ev, Rejected):
+                    handle.finished = True
+                    raise rejection_error(ev.code, ev.message, retry)
+                if isinstance(ev, Failed):
+                    handle.finished = True
+                    raise failure_error(ev.code, ev.message, retry)
+                if isinstance(ev, Completed):  # no audio at all (an engine that yielded nothing)
+                    handle.finished = True
+                    raise ApiError(500, "the job produced no audio", "no_audio", kind="server_error")
+        except BaseException:
+            self.bridge.cancel(handle)
+            raise
+
+    async def _stream(self, handle: JobHandle, first: Audio, encoder: StreamEncoder, t0: float) -> AsyncIterator[bytes]:
+        m = self.metrics
+        m.active.labels(API).inc()
+        sent = 0
+        completed = False
+        try:
+            data = encoder.encode(first.pcm)
+            sent += len(first.pcm)
+            m.ttfb.labels(API).observe(time.monotonic() - t0)
+            yield data
+            while True:
+                try:
+                    ev = await asyncio.wait_for(handle.events.get(), self.config.timeout_s)
+                except asyncio.TimeoutError:
+                    raise StreamAborted(f"job {handle.job}: no audio for {self.config.timeout_s:g} s") from None
+                if isinstance(ev, Audio):
+                    if ev.restart:
+                        raise StreamAborted(f"job {handle.job}: attempt {ev.attempt} restarted the audio "
+                                            f"after {sent} samples were sent")
+                    sent += len(ev.pcm)
+                    data = encoder.encode(ev.pcm)
+                    if data:
+                        yield data
+                elif isinstance(ev, Completed):
+                    yield self._complete(handle, ev, encoder, sent)
+                    completed = True
+                    m.audio_seconds.labels(API).inc(len(ev.audio) / ev.sample_rate)
+                    m.job_done(ev.done.ttfc_ms, ev.done.rtf)
+                    return
+                elif isinstance(ev, (Failed, Rejected)):
+                    handle.finished = True
+                    raise StreamAborted(f"job {handle.job} failed mid-stream ({ev.code}): {ev.message}")
+                elif isinstance(ev, BrokerRestarted):
+                    log.info("job %s: the broker restarted; resubmitted", handle.job)
+        except StreamAborted as exc:
+            log.warning("aborting the response: %s", exc)
+            raise
+        finally:
+            m.active.labels(API).dec()
+            if not completed and not handle.finished:
+                m.disconnects.labels(API).inc()
+                log.info("job %s: the client went away after %d samples; cancelled", handle.job, sent)
+                self.bridge.cancel(handle)
+
+    @staticmethod
+    def _complete(handle: JobHandle, ev: Completed, encoder: StreamEncoder, sent: int) -> bytes:
+        """The end of the stream: audio the live events did not carry (if any), then the trailer."""
+        handle.finished = True
+        total = len(ev.audio)
+        if sent > total:
+            raise StreamAborted(f"job {handle.job}: sent {sent} samples but the job has {total}")
+        tail = encoder.encode(ev.audio[sent:]) if sent < total else b""
+        return tail + encoder.finish()
+
+
+class AudioStreamResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, so a job is cancelled when the client leaves."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _sse(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """OpenAI's stream_format=sse: speech.audio.delta events with base64 audio, then speech.audio.done."""
+    try:
+        async for data in stream:
+            if data:
+                event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
+                yield f"data: {json.dumps(event)}\n\n".encode()
+        done = {"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}}
+        yield f"data: {json.dumps(done)}\n\n".encode()
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+# --- the app and the process ----------------------------------------------------------------
+
+
+def create_app(endpoints: Endpoints, config: HttpConfig, metrics: GatewayMetrics | None = None) -> Starlette:
+    gw = HttpGateway(endpoints, config, metrics)
+
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gw.bridge.start()
+        log.info("cosy http gateway on http://%s:%d (broker %s); formats %s", config.host, config.port,
+                 endpoints.front, ", ".join(gw.formats))
+        try:
+            yield
+        finally:
+            gw.bridge.stop()
+
+    routes = [
+        Route("/v1/audio/speech", gw.speech, methods=["POST"]),
+        Route("/v1/models", gw.models, methods=["GET"]),
+        Route("/v1/audio/models", gw.audio_models, methods=["GET"]),
+        Route("/v1/audio/voices", gw.voices, methods=["GET"]),
+        Route("/healthz", gw.healthz, methods=["GET"]),
+        Route("/readyz", gw.readyz, methods=["GET"]),
+        Route("/metrics", gw.prometheus, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=_lifespan_context(lifespan))
+    app.state.gateway = gw
+    return app
+
+
+def _lifespan_context(fn: Any) -> Any:
+    import contextlib
+
+    return contextlib.asynccontextmanager(fn)
+
+
+def run_http(endpoints: Endpoints, config: HttpConfig, log_level: str = "info") -> int:
+    import uvicorn
+
+    app = create_app(endpoints, config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level.lower(), access_log=False,
+                timeout_graceful_shutdown=5, server_header=False)
+    return 0
