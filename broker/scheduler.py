@@ -28,6 +28,7 @@ class JobEntry:
     priority: str
     client: str
     submitted: float
+    instruct: str = ""
     attempt: int = 0
     run: str = ""
     worker: bytes | None = None

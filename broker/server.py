@@ -397,15 +397,17 @@ class Broker:
         if not (0.25 <= msg.speed <= 4.0):
             self._reject(route, msg.job, P.BAD_REQUEST, f"speed {msg.speed} is outside 0.25-4.0")
             return
+        voice = None if msg.voice in ("default", "") else msg.voice  # "default": each worker's own default
         voices = self.sched.voices()
-        if msg.voice is not None and self.sched.workers and msg.voice not in voices:
+        if voice is not None and self.sched.workers and voice not in voices:
             self._reject(route, msg.job, P.UNKNOWN_VOICE,
                          f"unknown voice {msg.voice!r}; available: {', '.join(voices)}", voices)
             return
         if self.sched.queue_length() >= self.config.max_queue:
             self._reject(route, msg.job, P.BUSY, f"queue is full ({self.config.max_queue} jobs); retry later")
             return
-        entry = JobEntry(msg.job, msg.text, msg.voice, msg.speed, msg.priority, msg.client, time.monotonic())
+        entry = JobEntry(msg.job, msg.text, voice, msg.speed, msg.priority, msg.client, time.monotonic(),
+                         instruct=msg.instruct)
         self.sched.enqueue(entry)
         self.counters["accepted"] += 1
         self._send(self.front, route, P.Accepted(msg.job, self.epoch, self.sched.queue_length()).to_frames())
@@ -439,6 +441,11 @@ class Broker:
         now = time.monotonic()
         worker = self.sched.workers.get(identity)
         if isinstance(msg, P.Ready):
+            if worker is not None and msg.update:
+                worker.info = msg
+                worker.last_seen = now
+                log.info("worker %s now serves voices %s", msg.worker, ",".join(msg.voices))
+                return
             if worker is not None:  # re-registration: whatever it ran is lost
                 self._requeue(self.sched.drop_worker(identity), "worker re-registered")
             self.sched.workers[identity] = WorkerEntry(identity, msg, now)
@@ -529,7 +536,7 @@ class Broker:
 
     def _dispatch(self) -> None:
         for entry, worker in self.sched.dispatch(self.subscribed):
-            job = P.Job(entry.job, entry.run, entry.attempt, entry.text, entry.voice, entry.speed)
+            job = P.Job(entry.job, entry.run, entry.attempt, entry.text, entry.voice, entry.speed, entry.instruct)
             if not self._send(self.back, worker.identity, job.to_frames()):
                 self._requeue(self.sched.drop_worker(worker.identity), "worker unreachable")
                 continue

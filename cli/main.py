@@ -168,6 +168,8 @@ def say(
     no_play: bool = typer.Option(False, "--no-play", help="Do not play through the speakers."),
     speed: float = typer.Option(1.0, "--speed", "-s", help="Speaking rate, 0.25-4.0."),
     priority: str = typer.Option("interactive", "--priority", help="interactive or bulk."),
+    instruct: str = typer.Option("", "--instruct", help="Speaking style for engines that take one (CosyVoice2/3), "
+                                 "e.g. \"speak slowly and warmly\"."),
     timeout: float = typer.Option(120.0, "--timeout", help="Give up after this many seconds."),
     list_voices: bool = typer.Option(False, "--list-voices", help="List the voices the workers serve."),
     verbose: bool = typer.Option(False, "--verbose", help="Print time to first audio and real-time factor."),
@@ -186,7 +188,7 @@ def say(
     eps = _endpoints(runtime_dir, connect)
     raise typer.Exit(run_say(eps, text=text, file=file, voice=voice, out=out, raw=raw, play=not no_play,
                              speed=speed, priority=priority, timeout=timeout, list_voices=list_voices,
-                             verbose=verbose))
+                             verbose=verbose, instruct=instruct))
 
 
 @app.command()

@@ -51,7 +51,7 @@ def _print_voices(eps: Endpoints) -> int:
 
 def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str | None, out: str | None,
             raw: bool, play: bool, speed: float, priority: str, timeout: float, list_voices: bool,
-            verbose: bool) -> int:
+            verbose: bool, instruct: str = "") -> int:
     t_start = time.perf_counter()
     if list_voices:
         return _print_voices(eps)
@@ -112,7 +112,7 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
 
         sink = PcmSink(sys.stdout.buffer, raw=raw)
     player = None
-    spec = JobSpec(text=body, voice=voice, speed=speed, priority=priority)
+    spec = JobSpec(text=body, voice=voice, speed=speed, priority=priority, instruct=instruct)
     client = Client(eps)
     t_first = None
     try:

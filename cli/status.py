@@ -42,6 +42,8 @@ def render(st: dict[str, Any]) -> Any:
     from rich.console import Group
     from rich.table import Table
 
+    from cosy.gpu import describe
+
     b = st["broker"]
     head = Table.grid(padding=(0, 2))
     head.add_row("broker", f"pid {b['pid']}", f"up {_duration(b['uptime_s'])}", f"v{b['version']}",
@@ -57,10 +59,7 @@ def render(st: dict[str, Any]) -> Any:
         table.add_column(col)
     for w in st["workers"]:
         m = w.get("metrics", {})
-        gpu = ""
-        if "gpu_mem_used_mb" in m:
-            gpu = (f"{m['gpu_mem_used_mb']:.0f}/{m.get('gpu_mem_total_mb', 0):.0f} MB "
-                   f"{m.get('gpu_util_pct', 0):.0f}% {m.get('gpu_temp_c', 0):.0f}°C")
+        gpu = describe(m)
         table.add_row(w["name"], str(w["pid"]), w["engine"], w["model"], w["device"],
                       f"{w['state']} {w['running']}/{w['capacity']}", str(w["jobs_done"]),
                       f"{m.get('mean_ttfc_ms', 0):.0f}", f"{m.get('mean_rtf', 0):.3f}", gpu)

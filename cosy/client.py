@@ -41,6 +41,7 @@ class JobSpec:
     speed: float = 1.0
     priority: str = P.INTERACTIVE
     job: str = field(default_factory=lambda: uuid.uuid4().hex)
+    instruct: str = ""
 
 
 # --- events ---------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class Client:
         self._send_submit(spec)
 
     def _send_submit(self, spec: JobSpec) -> None:
-        msg = P.Submit(spec.job, spec.text, self.client_id, spec.voice, spec.speed, spec.priority)
+        msg = P.Submit(spec.job, spec.text, self.client_id, spec.voice, spec.speed, spec.priority, spec.instruct)
         self.dealer.send_multipart(msg.to_frames())
 
     def cancel(self, job: str) -> None:

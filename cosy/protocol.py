@@ -173,9 +173,13 @@ class Submit(Message):
     voice: str | None = None
     speed: float = 1.0
     priority: str = INTERACTIVE
+    # Instruct-capable engines (CosyVoice2/3): how to speak, e.g. "slowly and warmly". Others ignore it.
+    instruct: str = ""
 
     def validate(self) -> None:
         check_job_id(self.job)
+        if len(self.instruct) > 1000:
+            raise ProtocolError("instruct is limited to 1000 characters")
         if not (1 <= len(self.client) <= 64):
             raise ProtocolError("client id must be 1-64 characters")
         if self.priority not in PRIORITIES:
@@ -315,6 +319,9 @@ class Ready(Message):
     capacity: int
     pid: int
     host: str = ""
+    # True when a registered worker only announces new capabilities (e.g. its voices changed):
+    # the broker updates them and keeps the worker's running jobs.
+    update: bool = False
 
     def validate(self) -> None:
         if not (1 <= self.capacity <= 256):
@@ -344,6 +351,7 @@ class Job(Message):
     text: str
     voice: str | None = None
     speed: float = 1.0
+    instruct: str = ""
 
 
 @dataclass(frozen=True)

@@ -217,3 +217,23 @@ def test_broker_stops_cleanly_on_signal(bare_stack: Stack, sig: int) -> None:
     broker.send_signal(sig)
     assert broker.wait(10) == 0
     assert not (bare_stack.runtime_dir / "front.sock").exists()
+
+
+def test_voices_added_while_running_become_available_without_restart(stack: Stack, tmp_path: Path) -> None:
+    voices = tmp_path / "voices.txt"
+    voices.write_text("alpha")
+    proc = stack.start_worker("tone", name="t", options={"voices_file": str(voices)})
+    refused = stack.cosy("say", "hi", "--voice", "beta", "--no-play", "--out", str(tmp_path / "x.wav"))
+    assert refused.returncode == 2 and b"alpha" in refused.stderr
+    voices.write_text("alpha,beta")
+    wait_for(lambda: "beta" in stack.status()["voices"], 30, "the worker to announce the new voice")
+    stack.cosy("say", "hi", "--voice", "beta", "--no-play", "--out", str(tmp_path / "b.wav"), check=True)
+    (w,) = stack.status()["workers"]
+    assert w["pid"] == proc.pid and w["jobs_done"] == 1  # same process, nothing restarted
+
+
+def test_default_voice_name_means_each_workers_default(stack: Stack, tmp_path: Path) -> None:
+    stack.start_worker("tone", name="t", options={"voices": "alpha,beta"})
+    stack.cosy("say", "hi", "--voice", "default", "--no-play", "--out", str(tmp_path / "d.wav"), check=True)
+    audio, _ = read_wav(tmp_path / "d.wav")
+    assert len(audio) == tone_samples("hi")

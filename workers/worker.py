@@ -12,6 +12,7 @@ Inference runs in threads so heartbeats keep flowing while the engine works.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -33,6 +34,7 @@ from cosy.workers.engines import Engine, EngineError, SynthesisRequest
 log = logging.getLogger("cosy.worker")
 
 HEARTBEAT_S = 1.0
+VOICE_REFRESH_S = 5.0  # how often an engine with folder-based voices looks for new ones
 LIVENESS = 3  # missed broker heartbeats before the worker reconnects
 
 
@@ -102,7 +104,8 @@ class Worker:
         rate = self.engine.sample_rate
         try:
             request = SynthesisRequest(text=job.text, voice=job.voice or self.engine.default_voice,
-                                       speed=job.speed, job=job.job, cancelled=run.cancelled)
+                                       speed=job.speed, job=job.job, instruct=job.instruct,
+                                       cancelled=run.cancelled)
             for audio in self.engine.synthesize(request):
                 if run.cancelled.is_set():
                     break
@@ -180,6 +183,7 @@ class Worker:
         acknowledged = False
         broker_seen = time.monotonic()
         next_hb = 0.0
+        next_voices = time.monotonic() + VOICE_REFRESH_S
         watchdog = sdnotify.Watchdog()
         try:
             while not stop.is_set():
@@ -195,6 +199,10 @@ class Worker:
                                                                     **self.engine.metrics()})
                     dealer.send_multipart(hb.to_frames())
                     next_hb = now + self.heartbeat_s
+                if registered and now >= next_voices:
+                    next_voices = now + VOICE_REFRESH_S
+                    if self._voices_changed():
+                        dealer.send_multipart(dataclasses.replace(self._ready_msg(), update=True).to_frames())
                 if registered and now - broker_seen > self.heartbeat_s * self.liveness:
                     log.warning("broker silent for %.1f s: reconnecting", now - broker_seen)
                     self._cancel_all()
@@ -247,6 +255,20 @@ class Worker:
                         s.close(linger=0)
                     except zmq.ZMQError:
                         pass
+
+    def _voices_changed(self) -> bool:
+        refresh = getattr(self.engine, "refresh_voices", None)
+        if refresh is None:
+            return False
+        try:
+            changed = bool(refresh())
+        except Exception:
+            log.exception("could not refresh the voices")
+            return False
+        if changed:
+            self._voices = [v.name for v in self.engine.voices()]
+            log.info("voices changed: %s", ", ".join(self._voices))
+        return changed
 
     def _announce_ready(self) -> None:
         log.info("worker %s ready (%s, voices: %s)", self.name, self.engine.name, ", ".join(self._voices))

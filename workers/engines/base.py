@@ -23,6 +23,7 @@ class SynthesisRequest:
     voice: str
     speed: float = 1.0
     job: str = ""
+    instruct: str = ""  # for instruct-capable engines; others ignore it
     # Set when the broker cancels the run: engines stop between chunks.
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
 
@@ -58,3 +59,11 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class RefreshableVoices(Protocol):
+    """Optional: engines whose voices can change while they run (zero-shot voices from folders)."""
+
+    def refresh_voices(self) -> bool:
+        """Re-read the voices; True when the set changed."""
+        ...

@@ -2,7 +2,9 @@
 
 Options (``--option key=value``): ``delay_ms`` before each chunk, ``chunk_ms``
 (audio per chunk), ``ms_per_char`` (audio length per character of text),
-``voices`` (comma list), ``capacity``, ``sample_rate``, ``frequency``.
+``voices`` (comma list), ``voices_file`` (a file with a comma list, read again on
+refresh, as zero-shot engines re-read their voice folders), ``capacity``,
+``sample_rate``, ``frequency``.
 Failure injection for tests: a text containing ``fail_on`` raises an engine
 error; one containing ``oom_on`` raises what PyTorch raises on CUDA out-of-memory;
 one containing ``crash_on`` kills the process after ``crash_after`` chunks (as a
@@ -25,7 +27,8 @@ class ToneEngine:
     def __init__(self, delay_ms: float | str = 0, chunk_ms: float | str = 100, ms_per_char: float | str = 20,
                  voices: str = "tone", capacity: int | str = 4, sample_rate: int | str = 22050,
                  frequency: float | str = 440.0, fail_on: str = "", crash_on: str = "",
-                 crash_after: int | str = 1, first_delay_ms: float | str | None = None, oom_on: str = "") -> None:
+                 crash_after: int | str = 1, first_delay_ms: float | str | None = None, oom_on: str = "",
+                 voices_file: str = "") -> None:
         self.model = "sine"
         self.device = "cpu"
         self.sample_rate = int(sample_rate)
@@ -34,12 +37,25 @@ class ToneEngine:
         self._first_delay = self._delay if first_delay_ms is None else float(first_delay_ms) / 1000
         self._chunk = max(1, int(self.sample_rate * float(chunk_ms) / 1000))
         self._per_char = float(ms_per_char) / 1000
-        self._names = [v for v in voices.split(",") if v]
+        self._voices_file = voices_file
+        self._names = self._read_voices() if voices_file else [v for v in voices.split(",") if v]
         self._freq = float(frequency)
         self._fail_on = fail_on
         self._crash_on = crash_on
         self._oom_on = oom_on
         self._crash_after = int(crash_after)
+
+    def _read_voices(self) -> list[str]:
+        with open(self._voices_file) as f:
+            return [v.strip() for v in f.read().split(",") if v.strip()]
+
+    def refresh_voices(self) -> bool:
+        if not self._voices_file:
+            return False
+        names = self._read_voices()
+        changed = names != self._names
+        self._names = names
+        return changed
 
     def voices(self) -> list[VoiceInfo]:
         return [VoiceInfo(n, description="test tone") for n in self._names]

@@ -1,0 +1,509 @@
+"""The GPU engine: the official CosyVoice library (CosyVoice2 / CosyVoice3, or a repackaged copy of it).
+
+Options (``cosy worker --engine cosyvoice --option key=value``; every value may arrive as a string):
+
+  model_dir        the model folder (cosyvoice2.yaml or cosyvoice3.yaml, llm.pt, flow.pt, hift.pt, ...)
+  voices_dir       voice folders (``<name>/voice.json`` + reference audio), several joined with ``:``;
+                   default: the voice registry's folders (user folder, then the shipped ``voices/``)
+  cache_dir        where prompt features and TensorRT plans are kept ($XDG_CACHE_HOME/cosy by default)
+  fp16, load_trt   auto (on when CUDA is there; TensorRT also needs the ``tensorrt`` package and the
+                   model's flow.decoder.estimator.fp32.onnx), true or false
+  load_vllm        false (default) or true, where the library supports it (CosyVoice2/3 upstream)
+  load_jit         false (default) or true (CosyVoice2's flow.encoder.*.zip)
+  capacity         jobs run at once (default 2; the library keeps per-request state, see below)
+  token_hop_len    speech tokens in the first streamed chunk (the library's 25 = 1 s of audio at 25 Hz:
+                   it must match the flow's training chunk, so change it only with a model trained for it)
+  text_frontend    true (default): the library's text normalisation; false sends the text as written
+  device           a GPU index: sets CUDA_VISIBLE_DEVICES (only before torch is imported)
+
+Traps in the library, and what this engine does about them (see docs/gpu.md):
+
+* Importing it sets the root logger to DEBUG (``logging.basicConfig`` in cosyvoice/utils/file_utils.py)
+  and reads an ``onnx_path`` environment variable at import (cosyvoice/utils/onnx.py; it then opens CUDA
+  ONNX sessions): the import runs with ``onnx_path`` removed, and the logging setup is put back after.
+* The device is hard-coded (``cuda`` when available): the GPU is chosen with CUDA_VISIBLE_DEVICES, by the
+  worker's ``--device`` before torch is imported.
+* ``CosyVoice2Model.tts`` grows the *shared* ``token_hop_len`` on every streamed chunk and never resets it,
+  so concurrent and later requests get ever larger first chunks (4 s from the third request on).
+  The engine makes ``token_hop_len`` per thread and resets it at the start of every job.
+* ``speed`` is ignored with ``stream=True``: a job with speed != 1 is synthesised sentence by sentence
+  without streaming, where the library applies speed itself (mel interpolation, pitch kept).
+* CosyVoice3 needs ``<|endofprompt|>`` in the prompt text: added (after the model's default system prompt)
+  when a voice's transcript lacks it.
+* The zero-shot prompt is a wav *path* upstream since Dec 2025 and a 16 kHz *tensor* before (and in the
+  PyPI copy ``cosyvoice2-eu``): the parameter name of ``add_zero_shot_spk`` says which.
+* The TensorRT plan is written by the library non-atomically and never rebuilt when stale: the engine
+  builds it itself (with the library's converter) under a file lock, into a temporary file renamed into
+  place, named by GPU model, TensorRT version and precision, and hands that file to ``load_trt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import EngineError, SynthesisRequest, VoiceInfo
+
+log = logging.getLogger("cosy.engine.cosyvoice")
+
+FAMILIES = {"cosyvoice3.yaml": "CosyVoice3", "cosyvoice2.yaml": "CosyVoice2", "cosyvoice.yaml": "CosyVoice"}
+ENDOFPROMPT = "<|endofprompt|>"
+COSYVOICE3_SYSTEM_PROMPT = "You are a helpful assistant."
+TRT_ONNX = "flow.decoder.estimator.fp32.onnx"
+
+
+# --- options ---------------------------------------------------------------------------
+
+
+def _flag(value: bool | str | None, auto: bool) -> bool:
+    """true/false/auto (as strings from the command line) to a bool; ``auto`` decides 'auto' and None."""
+    if isinstance(value, bool):
+        return value
+    text = (value or "auto").strip().lower()
+    if text == "auto":
+        return auto
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise EngineError(f"expected true, false or auto, got {value!r}")
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    if cache_dir:
+        return Path(cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cosy"
+
+
+# --- voices (swap for cosy.voices.list_voices once the registry is packaged) -------------
+
+
+@dataclass(frozen=True)
+class RefVoice:
+    name: str
+    audio_path: Path
+    transcript: str
+    language: str = ""
+
+
+def scan_voices(dirs: list[Path]) -> dict[str, RefVoice]:
+    """``<dir>/<name>/voice.json`` ({"name", "transcript", "language", "audio"}); the first dir wins a name."""
+    found: dict[str, RefVoice] = {}
+    for base in dirs:
+        if not base.is_dir():
+            continue
+        for meta in sorted(base.glob("*/voice.json")):
+            try:
+                data = json.loads(meta.read_text())
+                audio = meta.parent / data.get("audio", "reference.wav")
+                voice = RefVoice(str(data.get("name") or meta.parent.name), audio, str(data["transcript"]),
+                                 str(data.get("language", "")))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("skipping voice %s: %s", meta.parent, exc)
+                continue
+            if voice.audio_path.is_file():
+                found.setdefault(voice.name, voice)
+    return found
+
+
+def default_voice_dirs() -> list[Path]:
+    try:
+        from cosy.voices import voice_dirs  # the registry, where installed
+    except ImportError:
+        return [Path(__file__).resolve().parents[2] / "voices"]
+    return list(voice_dirs())
+
+
+# --- TensorRT plan: locked, atomic, keyed ---------------------------------------------------
+
+
+def ensure_trt_plan(folder: Path, key: str, build: Callable[[Path], None]) -> Path:
+    """The plan ``folder/<key>.plan``, built once by ``build(tmp_path)`` under a file lock and renamed into place.
+
+    Several workers starting together build it once; a crash mid-build leaves no half-written plan; a new
+    GPU model or TensorRT version has a new key, so a stale plan is never loaded.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = folder / f"{key}.plan"
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if plan.is_file() and plan.stat().st_size > 0:
+                return plan
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                log.warning("building the TensorRT plan %s: this takes minutes, once per GPU model", plan.name)
+                t0 = time.monotonic()
+                build(Path(tmp))
+                if os.path.getsize(tmp) == 0:
+                    raise EngineError("the TensorRT build wrote an empty plan")
+                os.replace(tmp, plan)
+                log.warning("TensorRT plan built in %.0f s: %s", time.monotonic() - t0, plan)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return plan
+
+
+def trt_plan_key(gpu_name: str, trt_version: str, fp16: bool, onnx_file: Path) -> str:
+    stat = onnx_file.stat()
+    digest = hashlib.sha256(f"{onnx_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    gpu = "".join(c if c.isalnum() else "-" for c in gpu_name).strip("-") or "gpu"
+    return f"flow.decoder.estimator.{'fp16' if fp16 else 'fp32'}.{gpu}.trt{trt_version}.{digest}"
+
+
+# --- the hop-length trap ---------------------------------------------------------------------
+
+
+class PerThreadHop:
+    """A data descriptor that gives every thread its own ``token_hop_len``, starting from ``initial``.
+
+    Installed on a per-instance subclass of the library's model, it takes precedence over the instance
+    attribute the library assigns, so one request's growth of the hop never reaches another request.
+    """
+
+    def __init__(self, initial: int) -> None:
+        self.initial = initial
+        self._local = threading.local()
+
+    def __get__(self, obj: object, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(self._local, "value", self.initial)
+
+    def __set__(self, obj: object, value: int) -> None:
+        self._local.value = value
+
+    def reset(self) -> None:
+        self._local.value = self.initial
+
+
+def isolate_hop_len(model: Any, initial: int | None = None) -> PerThreadHop | None:
+    """Make ``model.token_hop_len`` per thread (CosyVoice2/3 models); None for models without one."""
+    if "token_hop_len" not in getattr(model, "__dict__", {}):
+        return None
+    hop = PerThreadHop(int(initial if initial is not None else vars(model)["token_hop_len"]))
+    cls = type(model)
+    model.__class__ = type(cls.__name__, (cls,), {"token_hop_len": hop, "__module__": cls.__module__})
+    del model.__dict__["token_hop_len"]
+    return hop
+
+
+# --- CUDA out of memory ----------------------------------------------------------------------
+
+
+def is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, oom_type) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def free_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- the engine ------------------------------------------------------------------------------
+
+
+class CosyVoiceEngine:
+    name = "cosyvoice"
+
+    def __init__(self, model_dir: str, voices_dir: str | None = None, cache_dir: str | None = None,
+                 fp16: bool | str = "auto", load_trt: bool | str = "auto", load_vllm: bool | str = "false",
+                 load_jit: bool | str = "false", capacity: int | str = 2, token_hop_len: int | str | None = None,
+                 text_frontend: bool | str = "true", trt_concurrent: int | str | None = None,
+                 device: str | None = None, default_voice: str | None = None) -> None:
+        self.model_dir = Path(model_dir).expanduser().resolve()
+        self.family = self._family(self.model_dir)
+        self.capacity = int(capacity)
+        self._text_frontend = _flag(text_frontend, True)
+        self._voice_dirs = [Path(p) for p in voices_dir.split(os.pathsep)] if voices_dir else default_voice_dirs()
+        self._cache = _cache_root(cache_dir)
+        self._lock = threading.Lock()
+        self._counts = {"voice_prompts_computed": 0, "voice_prompts_loaded": 0}
+        if device is not None:
+            self._select_device(str(device))
+
+        cli, torch = self._import_library()
+        self._torch = torch
+        cuda = bool(torch.cuda.is_available())
+        self.device = f"cuda:{os.environ.get('CUDA_VISIBLE_DEVICES', '0').split(',')[0]}" if cuda else "cpu"
+        from cosy.gpu import GpuMonitor
+
+        self._gpu = GpuMonitor() if cuda else None
+        fp16_on = _flag(fp16, cuda) and cuda
+        trt_on = _flag(load_trt, cuda and self._trt_ready()) and cuda
+        self._tts = self._construct(cli, fp16_on, _flag(load_vllm, False) and cuda, _flag(load_jit, False) and cuda)
+        if trt_on:
+            self._load_trt(fp16_on, int(trt_concurrent or self.capacity))
+        self.sample_rate = int(self._tts.sample_rate)
+        self.model = f"{self.family} ({self.model_dir.name}){' fp16' if fp16_on else ''}{' trt' if trt_on else ''}"
+        self._hop = isolate_hop_len(self._tts.model, int(token_hop_len) if token_hop_len is not None else None)
+        self._prompt_kind = self._prompt_signature()
+
+        self._voices: dict[str, RefVoice] = {}
+        self._ready: dict[str, str] = {}  # voice name -> speaker id in the library's spk2info
+        self._rescan()
+        for voice in list(self._voices.values()):
+            self._prepare(voice)
+        if not self._voices:
+            raise EngineError(f"no voices in {', '.join(map(str, self._voice_dirs))}: add one with `cosy voices add`")
+        self._default = default_voice if default_voice in self._voices else (
+            "joe" if "joe" in self._voices else next(iter(self._voices)))
+
+    # --- loading ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _family(model_dir: Path) -> str:
+        for config, family in FAMILIES.items():
+            if (model_dir / config).is_file():
+                return family
+        raise EngineError(f"{model_dir} is not a CosyVoice model folder (no {' / '.join(FAMILIES)})")
+
+    @staticmethod
+    def _select_device(device: str) -> None:
+        import sys
+
+        if "torch" in sys.modules and os.environ.get("CUDA_VISIBLE_DEVICES") != device:
+            raise EngineError("device must be chosen before torch is imported: use `cosy worker --device N`")
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+
+    @staticmethod
+    def _import_library() -> tuple[Any, Any]:
+        """Import torch and the library with its import-time side effects undone."""
+        root = logging.getLogger()
+        level, handlers = root.level, list(root.handlers)
+        saved = {k: os.environ.pop(k) for k in ("onnx_path", "COSYV2_IGNORE_BLANKEN") if k in os.environ}
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the library wraps every job in a progress bar
+        try:
+            import torch
+            from cosyvoice.cli import cosyvoice as cli
+        except ImportError as exc:
+            raise EngineError(f"the cosyvoice engine needs torch and the CosyVoice library ({exc}): "
+                              "see docs/gpu.md (`pixi run -e gpu ...`)") from exc
+        finally:
+            os.environ.update(saved)
+            for handler in root.handlers[:]:
+                if handler not in handlers:
+                    root.removeHandler(handler)
+            root.setLevel(level)
+        if saved.get("onnx_path"):
+            log.warning("ignored onnx_path=%s (a training setting of the CosyVoice library)", saved["onnx_path"])
+        return cli, torch
+
+    def _construct(self, cli: Any, fp16: bool, vllm: bool, jit: bool) -> Any:
+        """The family's class with the options its signature takes (TensorRT is loaded separately)."""
+        cls = getattr(cli, self.family, None)
+        if cls is None:
+            raise EngineError(f"the installed CosyVoice library has no {self.family} (model {self.model_dir})")
+        params = inspect.signature(cls.__init__).parameters
+        wanted: dict[str, Any] = {"fp16": fp16, "load_jit": jit, "load_vllm": vllm, "load_trt": False}
+        if "final" in params:  # the cosyvoice2-eu fork: load llm.pt/flow.pt/hift.pt, not llm-original.pt...
+            wanted["final"] = True
+        kwargs = {k: v for k, v in wanted.items() if k in params}
+        if vllm and "load_vllm" not in params:
+            log.warning("this CosyVoice library has no vLLM support for %s: running without", self.family)
+        t0 = time.monotonic()
+        try:
+            tts = cls(str(self.model_dir), **kwargs)
+        except (OSError, ValueError, AssertionError, TypeError, KeyError) as exc:
+            raise EngineError(f"cannot load {self.model_dir}: {exc.__class__.__name__}: {exc}") from exc
+        log.info("loaded %s from %s in %.1f s (%s)", self.family, self.model_dir, time.monotonic() - t0, kwargs)
+        return tts
+
+    @staticmethod
+    def _trt_ready() -> bool:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def _load_trt(self, fp16: bool, concurrent: int) -> None:
+        onnx_file = self.model_dir / TRT_ONNX
+        if not onnx_file.is_file():
+            log.warning("no %s in the model folder: running the flow decoder without TensorRT", TRT_ONNX)
+            return
+        import tensorrt as trt
+        from cosyvoice.utils.file_utils import convert_onnx_to_trt
+
+        model = self._tts.model
+        gpu = self._torch.cuda.get_device_name(0)
+        key = trt_plan_key(gpu, trt.__version__, fp16, onnx_file)
+        plan = ensure_trt_plan(self._cache / "trt", key,
+                               lambda tmp: convert_onnx_to_trt(str(tmp), model.get_trt_kwargs(), str(onnx_file), fp16))
+        model.load_trt(str(plan), str(onnx_file), concurrent, fp16)
+
+    def _prompt_signature(self) -> str:
+        params = list(inspect.signature(self._tts.add_zero_shot_spk).parameters)
+        if "prompt_wav" in params:
+            return "path"
+        if "prompt_speech_16k" in params:
+            return "tensor"
+        raise EngineError(f"unknown add_zero_shot_spk signature {params}: unsupported CosyVoice library version")
+
+    # --- voices ----------------------------------------------------------------------------
+
+    def _rescan(self) -> None:
+        found = scan_voices(self._voice_dirs)
+        with self._lock:
+            self._voices = found
+
+    def _prompt_text(self, voice: RefVoice) -> str:
+        if self.family == "CosyVoice3" and ENDOFPROMPT not in voice.transcript:
+            return f"{COSYVOICE3_SYSTEM_PROMPT}{ENDOFPROMPT}{voice.transcript}"
+        return voice.transcript
+
+    def _model_key(self) -> str:
+        parts = [str(self.model_dir)]
+        for name in sorted(self.model_dir.glob("*.onnx")) + sorted(self.model_dir.glob("*.yaml")):
+            stat = name.stat()
+            parts.append(f"{name.name}:{stat.st_size}:{stat.st_mtime_ns}")
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    def _feature_file(self, voice: RefVoice) -> tuple[Path, str]:
+        digest = hashlib.sha256()
+        digest.update(voice.audio_path.read_bytes())
+        digest.update(self._prompt_text(voice).encode())
+        digest.update(self._prompt_kind.encode())
+        spk_id = f"cosy-{voice.name}-{digest.hexdigest()[:12]}"
+        return self._cache / "prompts" / self._model_key() / f"{spk_id}.pt", spk_id
+
+    def _prepare(self, voice: RefVoice) -> str:
+        """The voice's speaker id, its prompt features computed once and kept in ``cache_dir`` across restarts."""
+        path, spk_id = self._feature_file(voice)
+        spk2info = self._tts.frontend.spk2info
+        with self._lock:
+            if self._ready.get(voice.name) == spk_id and spk_id in spk2info:
+                return spk_id
+            if path.is_file():
+                spk2info[spk_id] = self._torch.load(path, map_location=self._tts.frontend.device, weights_only=True)
+                self._counts["voice_prompts_loaded"] += 1
+                log.info("voice %s: prompt features from %s", voice.name, path)
+            else:
+                self._tts.add_zero_shot_spk(self._prompt_text(voice), self._prompt_audio(voice), spk_id)
+                self._counts["voice_prompts_computed"] += 1
+                self._save_features(path, spk2info[spk_id])
+                log.info("voice %s: prompt features computed and saved to %s", voice.name, path)
+            self._ready[voice.name] = spk_id
+        return spk_id
+
+    def _save_features(self, path: Path, features: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            self._torch.save({k: v.cpu() for k, v in features.items()}, tmp)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _prompt_audio(self, voice: RefVoice) -> Any:
+        if self._prompt_kind == "path":
+            return str(voice.audio_path)
+        import soundfile as sf
+        import torchaudio
+
+        audio, rate = sf.read(str(voice.audio_path), dtype="float32", always_2d=True)
+        speech = self._torch.from_numpy(np.ascontiguousarray(audio.mean(axis=1)))[None]
+        return torchaudio.functional.resample(speech, rate, 16000) if rate != 16000 else speech
+
+    def _speaker(self, name: str) -> str:
+        name = self._default if name in ("", "default") else name
+        voice = self._voices.get(name)
+        if voice is None:  # added to the folder since the last scan?
+            self._rescan()
+            voice = self._voices.get(name)
+        if voice is None:
+            raise EngineError(f"voice {name!r} is not available here (voices: {', '.join(sorted(self._voices))})")
+        try:
+            return self._prepare(voice)
+        except OSError as exc:
+            raise EngineError(f"voice {name!r}: cannot read its reference audio: {exc}") from exc
+
+    def refresh_voices(self) -> bool:
+        """Look at the voice folders again (`cosy voices add` on a running system); True if the set changed."""
+        before = set(self._voices)
+        self._rescan()
+        return set(self._voices) != before
+
+    def voices(self) -> list[VoiceInfo]:
+        return [VoiceInfo(v.name, language=v.language, description=f"zero-shot ({self.family})")
+                for v in sorted(self._voices.values(), key=lambda v: v.name)]
+
+    @property
+    def default_voice(self) -> str:
+        return self._default
+
+    # --- synthesis -------------------------------------------------------------------------
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        spk_id = self._speaker(request.voice)
+        stream = abs(request.speed - 1.0) < 1e-3  # the library ignores speed when streaming
+        empty_prompt = "" if self._prompt_kind == "path" else self._torch.zeros(1, 0)
+        instruct = getattr(request, "instruct", "") or ""
+        options = {"stream": stream, "speed": request.speed, "text_frontend": self._text_frontend}
+        if self._hop is not None:
+            self._hop.reset()
+        if instruct and hasattr(self._tts, "inference_instruct2"):
+            if self.family == "CosyVoice3" and ENDOFPROMPT not in instruct:
+                instruct = f"{COSYVOICE3_SYSTEM_PROMPT} {instruct}{ENDOFPROMPT}"
+            outputs = self._tts.inference_instruct2(request.text, instruct, empty_prompt, zero_shot_spk_id=spk_id,
+                                                    **options)
+        else:
+            outputs = self._tts.inference_zero_shot(request.text, "", empty_prompt, zero_shot_spk_id=spk_id,
+                                                    **options)
+        try:
+            yield from self._chunks(outputs, request)
+        finally:
+            outputs.close()
+
+    def _chunks(self, outputs: Iterator[dict[str, Any]], request: SynthesisRequest) -> Iterator[np.ndarray]:
+        try:
+            for output in outputs:
+                if request.cancelled.is_set():
+                    return
+                # [1, N] float32 on the CPU: a view, no copy (the worker converts it to s16 once).
+                yield output["tts_speech"].reshape(-1).numpy()
+        except Exception as exc:
+            if is_oom(exc):
+                free_cuda_cache()
+                raise EngineError(f"CUDA out of memory: {exc}", retryable=True) from exc
+            raise
+
+    # --- reporting -------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, Any] = dict(self._counts)
+        if self._gpu is not None:
+            out.update(self._gpu.metrics())
+        return out
+
+    def close(self) -> None:
+        if self._gpu is not None:
+            self._gpu.close()
