@@ -122,10 +122,16 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
             exits.fail(str(exc), exits.UNREACHABLE)
         client.submit(spec)
         deadline = time.monotonic() + timeout
+        busy_tries = 0
+        retry_at = 0.0
         while True:
             if time.monotonic() > deadline:
                 client.cancel(spec.job)
-                exits.fail(f"no complete audio after {timeout:g} s (the job was cancelled)", exits.BUSY)
+                why = "the broker stayed busy" if retry_at else "no complete audio"
+                exits.fail(f"{why} after {timeout:g} s (the job was cancelled)", exits.BUSY)
+            if retry_at and time.monotonic() >= retry_at:
+                retry_at = 0.0
+                client.submit(spec)
             for ev in client.poll(0.05):
                 if isinstance(ev, Audio):
                     if t_first is None:
@@ -153,9 +159,14 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
                     print(f"cosy: worker lost; attempt {ev.attempt} on {ev.worker}", file=sys.stderr)
                 elif isinstance(ev, BrokerRestarted):
                     print("cosy: the broker restarted; job resubmitted", file=sys.stderr)
+                elif isinstance(ev, Rejected) and ev.code == P.BUSY:
+                    # The queue is full: back off and submit again until --timeout.
+                    busy_tries += 1
+                    retry_at = time.monotonic() + min(5.0, 0.2 * 2 ** busy_tries)
+                    if busy_tries == 1:
+                        print(f"cosy: {ev.message}; retrying", file=sys.stderr)
                 elif isinstance(ev, Rejected):
-                    code = exits.BUSY if ev.code == P.BUSY else exits.USAGE
-                    exits.fail(ev.message, code)
+                    exits.fail(ev.message, exits.USAGE)
                 elif isinstance(ev, Failed):
                     exits.fail(f"synthesis failed ({ev.code}): {ev.message}", exits.JOB_FAILED)
                 elif isinstance(ev, Completed):

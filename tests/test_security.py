@@ -77,6 +77,10 @@ def test_curve_serves_authorised_peers_and_refuses_others(bare_stack: Stack, tmp
     url = f"tcp://{HOST}:{free_base_port()}"
     broker = s.spawn("broker", "--bind", url, "--curve-dir", str(d["broker"]), "--runtime-dir",
                      str(s.runtime_dir), "--heartbeat-ms", str(HEARTBEAT_MS), name="broker")
+    # An unauthorised worker starts first, so it has had longer than the good one to try.
+    s.spawn("worker", "--engine", "tone", "--name", "intruder", "--connect", url, "--curve-dir",
+            str(d["stranger"]), "--runtime-dir", str(s.runtime_dir), "--heartbeat-ms", str(HEARTBEAT_MS),
+            name="intruder")
     s.spawn("worker", "--engine", "tone", "--name", "remote", "--connect", url, "--curve-dir", str(d["worker"]),
             "--runtime-dir", str(s.runtime_dir), "--heartbeat-ms", str(HEARTBEAT_MS), name="worker")
 
@@ -94,6 +98,8 @@ def test_curve_serves_authorised_peers_and_refuses_others(bare_stack: Stack, tmp
         return proc.returncode == 0 and b'"remote"' in proc.stdout
 
     wait_for(worker_joined, 60, "the remote worker to join over CURVE", interval=0.2)
+    joined = cosy("status", "--json", curve=d["client"])
+    assert b'"intruder"' not in joined.stdout  # its key is not in authorized/: it never got in
     out = tmp_path / "ok.wav"
     ok = cosy("say", "served over curve", "--no-play", "--out", str(out), curve=d["client"])
     assert ok.returncode == 0, ok.stderr.decode()
