@@ -375,10 +375,13 @@ def test_full_queue_is_503_with_retry_after(bare_stack: Stack) -> None:
     gw = GatewayProcess(s, "http", []).start()
     body = json.dumps({"input": "w" * 200, "voice": "tone", "response_format": "pcm"})
     # Two slow jobs: one runs (capacity 1), one waits (the queue holds 1).
-    holders = [subprocess.Popen(["curl", "-sS", "-N", "-o", "/dev/null", "-d", body, f"{gw.url}/v1/audio/speech"])
-               for _ in range(2)]
+    holders = []
     try:
-        wait_for(lambda: busy(s.status()) == (1, 1), 20, "one job running and one queued")
+        # One at a time: the first must be running before the second queues (the queue holds only 1).
+        for want in ((1, 0), (1, 1)):
+            holders.append(subprocess.Popen(["curl", "-sS", "-N", "-o", "/dev/null", "-d", body,
+                                             f"{gw.url}/v1/audio/speech"]))
+            wait_for(lambda want=want: busy(s.status()) == want, 20, f"running/queued = {want}")
         status, headers, data = speech_curl(gw, {"input": "Hello.", "voice": "tone"})
         assert status == 503
         assert int(headers["retry-after"]) >= 1
