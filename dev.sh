@@ -26,11 +26,12 @@ setup() {
 
 demo() {
     setup
-    local rd
-    rd=$(mktemp -d /tmp/cosy-demo-XXXXXX)
+    # Globals, not locals: the EXIT trap runs after this function has returned.
+    DEMO_RD=$(mktemp -d /tmp/cosy-demo-XXXXXX)
+    rd=$DEMO_RD
     "$VENV/bin/cosy" up --runtime-dir "$rd" --engine piper --workers 1 --log-level WARNING &
-    local up=$!
-    trap 'kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$rd"' EXIT
+    DEMO_UP=$!
+    trap 'kill -TERM "$DEMO_UP" 2>/dev/null; wait "$DEMO_UP" 2>/dev/null; rm -rf "$DEMO_RD"' EXIT
     for _ in $(seq 1 300); do
         if "$VENV/bin/cosy" status --runtime-dir "$rd" --json 2>/dev/null | grep -q '"state"'; then break; fi
         sleep 0.1

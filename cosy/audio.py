@@ -29,6 +29,7 @@ def write_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     subtype = "VORBIS" if fmt == "OGG" else "PCM_16"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "wb") as f:
             sf.write(f, audio, sample_rate, format=fmt, subtype=subtype)
             f.flush()
@@ -40,6 +41,12 @@ def write_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def wav_stream_header(sample_rate: int, channels: int = 1, bits: int = 16) -> bytes:

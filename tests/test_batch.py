@@ -13,6 +13,12 @@ import soundfile as sf
 from stack import Stack, wait_for
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def manifest_records(outdir: Path) -> list[dict]:
     path = outdir / "manifest.jsonl"
     if not path.exists():
@@ -33,6 +39,7 @@ def assert_valid_files(outdir: Path, expected_lines: int) -> None:
     done = successes(outdir)
     assert sorted(done) == list(range(1, expected_lines + 1))
     for rec in done.values():
+        assert (outdir / rec["file"]).stat().st_mode & 0o777 == 0o666 & ~current_umask()
         info = sf.info(str(outdir / rec["file"]))
         assert info.frames > 0
         assert abs(info.frames / info.samplerate - rec["duration_s"]) < 0.001
