@@ -21,6 +21,9 @@ app = typer.Typer(
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
+    # Plain help: rendering it with rich imports typer.rich_utils, rich.markdown and markdown_it
+    # (~80 ms of every `cosy --help`); measured 190 -> 110 ms.
+    rich_markup_mode=None,
 )
 
 RuntimeDirOpt = typer.Option(None, "--runtime-dir", envvar="COSY_RUNTIME_DIR",
@@ -239,7 +242,7 @@ def status(
 # Commands that live in their own modules. Each module has register(app) and keeps its heavy
 # imports inside the command functions.
 COMMAND_MODULES: tuple[str, ...] = ("cosy.cli.voices_cmd", "cosy.cli.doctor", "cosy.cli.systemd_cmd",
-                                     "cosy.cli.gateway_cmds")
+                                     "cosy.cli.gateway_cmds", "cosy.cli.bench_cmd")
 
 
 def _register_commands() -> None:

@@ -87,6 +87,9 @@ def run_up(eps: Endpoints, engine: str, workers: int | None, options: dict[str, 
     ensure_runtime_dir(eps.runtime_dir)
     common = ["--runtime-dir", str(eps.runtime_dir), "--heartbeat-ms", str(heartbeat_ms),
               "--log-level", log_level]
+    if engine == "piper" and "threads" not in options:
+        # Each worker's onnxruntime would take every core: share them out instead.
+        options = {**options, "threads": str(max(1, (os.cpu_count() or 1) // max(1, workers or 1)))}
     opts: list[str] = []
     for k, v in options.items():
         opts += ["--option", f"{k}={v}"]
