@@ -80,20 +80,6 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
         exits.fail("--raw applies to -o - (audio on standard output)", exits.USAGE)
     if to_stdout and sys.stdout.isatty():
         exits.fail("refusing to write audio to a terminal: pipe it (cosy say ... -o - | aplay)", exits.USAGE)
-    play = play and not to_stdout
-    player_error = None
-    if play:
-        from cosy.cli.playback import NoAudioDevice, check_output_device
-
-        try:
-            check_output_device()
-        except NoAudioDevice as exc:
-            player_error = str(exc)
-            play = False
-            if out_path is None:
-                exits.fail(f"{exc}; use --out FILE to save the audio instead", exits.JOB_FAILED)
-            print(f"cosy: {exc}; saving to {out_path} only", file=sys.stderr)
-
     from cosy.client import (
         Audio,
         BrokerRestarted,
@@ -121,6 +107,24 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
         except BrokerUnreachable as exc:
             exits.fail(str(exc), exits.UNREACHABLE)
         client.submit(spec)
+        # What does not need the broker happens while the worker synthesizes: opening the audio
+        # device (PortAudio) and importing numpy cost ~100 ms each, and the first audio needs both.
+        play = play and not to_stdout
+        player_error = None
+        if play:
+            from cosy.cli.playback import NoAudioDevice, check_output_device
+
+            try:
+                check_output_device()
+            except NoAudioDevice as exc:
+                player_error = str(exc)
+                play = False
+                if out_path is None:
+                    client.cancel(spec.job)
+                    client.poll(0.05)
+                    exits.fail(f"{exc}; use --out FILE to save the audio instead", exits.JOB_FAILED)
+                print(f"cosy: {exc}; saving to {out_path} only", file=sys.stderr)
+        import numpy  # noqa: F401
         deadline = time.monotonic() + timeout
         busy_tries = 0
         retry_at = 0.0

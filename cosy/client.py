@@ -17,13 +17,18 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
 import zmq
 
 from cosy import protocol as P
 from cosy.endpoints import Endpoints
 from cosy.security import prepare_client
+
+if TYPE_CHECKING:
+    import numpy as np
+# numpy (~90 ms to import) is imported when the first audio arrives, not before the job is submitted:
+# `cosy say` warms it up while the worker synthesizes (see cli/say.py).
 
 PING_S = 1.0
 GAP_WAIT_S = 0.15  # how long a gap may stay open before a replay is requested
@@ -132,6 +137,8 @@ class RunAssembly:
         return self.total_chunks is not None and len(self.chunks) >= self.total_chunks and not self.missing()
 
     def audio(self) -> np.ndarray:
+        import numpy as np
+
         assert self.total_chunks is not None
         return np.frombuffer(b"".join(self.chunks[s] for s in range(self.total_chunks)), dtype="<i2")
 
@@ -343,6 +350,8 @@ class Client:
         if h.final:
             asm.total_chunks, asm.total_samples = h.total_chunks, h.total_samples
         if h.run == state.run:
+            import numpy as np
+
             restart = asm.delivered == 0
             while asm.delivered in asm.chunks:
                 data = asm.chunks[asm.delivered]
