@@ -12,21 +12,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cosy.polling import wait_for  # noqa: F401 - re-exported for the suites (C.wait_for)
+
 TONE_FAST = {"first_delay_ms": 0, "delay_ms": 0, "chunk_ms": 100, "ms_per_char": 20}
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 class Procs:
