@@ -284,6 +284,15 @@ def test_concurrent_jobs_each_get_the_first_chunk_they_should(engine: Any) -> No
 
 
 @needs_library
+def test_a_job_does_not_write_its_text_into_the_shared_speaker_cache(engine: Any) -> None:
+    # The library's frontend_zero_shot writes the request's text into the cached speaker entry it
+    # reads; concurrent jobs on one voice would then race for it. The engine hands out copies.
+    _run(engine, "Hey you")
+    cache = engine._tts.frontend.spk2info
+    assert cache and all("text" not in dict.__getitem__(cache, key) for key in cache)
+
+
+@needs_library
 def test_prompt_features_are_computed_once_and_new_voices_appear(engine: Any, tiny: dict[str, Path]) -> None:
     from tiny_cosyvoice import make_voice
 

@@ -6,13 +6,18 @@ cosyvoice2.yaml / cosyvoice3.yaml; otherwise it says why and skips. COSY_BENCH_G
 (with bench/full_cosyvoice.py's random model a text of n bytes always gives 0.8 n seconds of audio) and
 COSY_BENCH_GPU_STREAMS the stream counts (default 1,4,8).
 
-Both sides load the model once and keep N jobs in flight until 3 N (--quick: 2 N) are done (a closed loop), timing each
-job's first chunk; RTF is the loop's wall time over the audio seconds it produced. The floor runs first, in
-a child process (`python -m cosy.bench.gpu floor MODEL_DIR 1,4,8 TEXT`), so the GPU is not shared with
-the worker: N threads call the library's `inference_zero_shot(..., stream=True)` directly with the voice's
-cached prompt features (the same call the engine makes, minus broker, worker and sockets). The library's
-shared `token_hop_len` is reset before each floor job, as the engine does, or every job after a thread's
-first would start with a larger first chunk.
+Both sides load the model once, side by side (the floor in a child process, `python -m cosy.bench.gpu floor
+MODEL_DIR - TEXT JOBS CAPACITY`, the worker behind a broker), and are then measured one after the other for each
+N (floor, then cosy), so the GPU is never shared while timing and a run cut short still has whole rows (each
+printed as it is done). Each side keeps N jobs in flight until 3 N (--quick: 2 N) are done (a closed loop),
+timing each job's first chunk; RTF is the loop's wall time over the audio seconds it produced. The floor's N
+threads call the library's `inference_zero_shot(..., stream=True)` directly with the voice's cached prompt
+features (the same call the engine makes, minus broker, worker and sockets). The library's shared
+`token_hop_len` is reset before each floor job, as the engine does, or every job after a thread's first would
+start with a larger first chunk. `python -m cosy.bench.gpu floor MODEL_DIR 1,4,8 TEXT` runs the floor alone.
+
+Measured on an H100 with bench/full_cosyvoice.py's model, the library runs at RTF about 2 (docs/performance.md):
+a full run at 1/4/8 with --quick and a 6-byte text takes about 10 minutes.
 """
 
 from __future__ import annotations
@@ -51,59 +56,95 @@ def _ms(seconds: list[float]) -> dict[str, float]:
     return {"p50": round(k["p50"], 1), "p99": round(k["p99"], 1), "n": k["n"]}
 
 
-def floor(model_dir: str, streams: list[int], text: str, jobs_per_stream: int = JOBS_PER_STREAM) -> dict[str, Any]:
-    """Direct library calls: for each N, N threads each run `jobs_per_stream` jobs back to back."""
-    import torch
+class Floor:
+    """The library loaded in this process (through the engine's loader, so fp16, hop isolation and the cached
+    prompt features are the same as the worker's), called directly."""
 
-    from cosy.workers.engines import SynthesisRequest, load_engine
+    def __init__(self, model_dir: str, capacity: int, text: str) -> None:
+        import torch
 
-    t0 = time.perf_counter()
-    engine = load_engine("cosyvoice", model_dir=model_dir, capacity=str(max(streams)))
-    load_s = time.perf_counter() - t0
-    voice = engine.default_voice
-    tts = engine._tts  # the library object itself: the floor calls it directly, without cosy's worker
-    hop = engine._hop
-    spk = engine._speaker(voice)
-    empty_prompt = "" if engine._prompt_kind == "path" else torch.zeros(1, 0)
-    for _ in engine.synthesize(SynthesisRequest(text, voice)):  # warm-up: CUDA kernels, allocator
-        pass
-    out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                           "torch": torch.__version__, "engine_model": engine.model, "voice": voice,
-                           "load_s": round(load_s, 1), "streams": {}}
-    for n in streams:
+        from cosy.workers.engines import SynthesisRequest, load_engine
+
+        t0 = time.perf_counter()
+        self.engine = load_engine("cosyvoice", model_dir=model_dir, capacity=str(capacity))
+        self.load_s = time.perf_counter() - t0
+        self.text = text
+        self.voice = self.engine.default_voice
+        self.tts = self.engine._tts  # the library object itself: called directly, without cosy's worker
+        self.spk = self.engine._speaker(self.voice)
+        self.empty_prompt = "" if self.engine._prompt_kind == "path" else torch.zeros(1, 0)
+        for _ in self.engine.synthesize(SynthesisRequest(text, self.voice)):  # warm-up: CUDA kernels, allocator
+            pass
+        self.info = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                     "torch": torch.__version__, "engine_model": self.engine.model, "voice": self.voice,
+                     "load_s": round(self.load_s, 1)}
+
+    def _jobs(self, count: int, ttfc: list[float], samples: list[int], lock: threading.Lock) -> None:
+        hop = self.engine._hop
+        for _ in range(count):
+            if hop is not None:
+                hop.reset()
+            t_job = time.perf_counter()
+            first = None
+            n = 0
+            for o in self.tts.inference_zero_shot(self.text, "", self.empty_prompt, zero_shot_spk_id=self.spk,
+                                                  stream=True):
+                if first is None:
+                    first = time.perf_counter() - t_job
+                n += o["tts_speech"].shape[-1]
+            with lock:
+                ttfc.append(first if first is not None else float("nan"))
+                samples.append(n)
+
+    def measure(self, streams: int, jobs_per_stream: int) -> dict[str, Any]:
+        """`streams` threads, each running `jobs_per_stream` jobs back to back."""
         ttfc: list[float] = []
         samples: list[int] = []
         lock = threading.Lock()
-
-        def worker(ttfc: list[float], samples: list[int], lock: threading.Lock) -> None:
-            for _ in range(jobs_per_stream):
-                if hop is not None:
-                    hop.reset()
-                t_job = time.perf_counter()
-                first = None
-                count = 0
-                for o in tts.inference_zero_shot(text, "", empty_prompt, zero_shot_spk_id=spk, stream=True):
-                    if first is None:
-                        first = time.perf_counter() - t_job
-                    count += o["tts_speech"].shape[-1]
-                with lock:
-                    ttfc.append(first if first is not None else float("nan"))
-                    samples.append(count)
-
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=worker, args=(ttfc, samples, lock)) for _ in range(n)]
+        threads = [threading.Thread(target=self._jobs, args=(jobs_per_stream, ttfc, samples, lock))
+                   for _ in range(streams)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        audio_s = sum(samples) / engine.sample_rate
-        out["streams"][str(n)] = {"ttfc_ms": _ms(ttfc), "rtf": round(wall / audio_s, 4) if audio_s else None,
-                                  "audio_s_per_job": round(statistics.fmean(samples) / engine.sample_rate, 3),
-                                  "jobs": len(samples), "wall_s": round(wall, 2)}
+        rate = self.engine.sample_rate
+        audio_s = sum(samples) / rate
+        return {"ttfc_ms": _ms(ttfc), "rtf": round(wall / audio_s, 4) if audio_s else None,
+                "audio_s_per_job": round(statistics.fmean(samples) / rate, 3) if samples else None,
+                "jobs": len(samples), "wall_s": round(wall, 2)}
+
+
+def floor(model_dir: str, streams: list[int], text: str, jobs_per_stream: int = JOBS_PER_STREAM) -> dict[str, Any]:
+    """Direct library calls for each N in `streams`."""
+    fl = Floor(model_dir, max(streams), text)
+    out: dict[str, Any] = {**fl.info, "streams": {}}
+    for n in streams:
+        out["streams"][str(n)] = fl.measure(n, jobs_per_stream)
         print(f"  floor {n} streams: {json.dumps(out['streams'][str(n)])}", file=sys.stderr, flush=True)
-    engine.close()
+    fl.engine.close()
     return out
+
+
+def _serve_floor(model_dir: str, capacity: int, text: str, jobs_per_stream: int) -> None:
+    """The child's side of run(): load, print the info line, then one result line per N read from stdin."""
+    fl = Floor(model_dir, capacity, text)
+    print(json.dumps(fl.info), flush=True)
+    for line in sys.stdin:
+        if line.strip():
+            print(json.dumps(fl.measure(int(line), jobs_per_stream)), flush=True)
+    fl.engine.close()
+
+
+def _floor_line(child: subprocess.Popen) -> dict[str, Any]:
+    assert child.stdout is not None
+    while True:
+        line = child.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the floor process ended ({child.wait()}): see its output above")
+        if line.startswith("{"):  # the library prints to stdout too
+            return json.loads(line)
 
 
 class _CountingClient(CosyLoopClient):
@@ -144,33 +185,33 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     per_stream = 2 if quick else JOBS_PER_STREAM
     wanted = [int(x) for x in os.environ.get("COSY_BENCH_GPU_STREAMS", "").split(",") if x.strip()]
     stream_counts = tuple(wanted) or STREAMS
-    streams = ",".join(map(str, stream_counts))
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cosy.bench.gpu", "floor", model, streams, text, str(per_stream)],
-                          stdout=subprocess.PIPE, text=True, timeout=900)  # its stderr: progress, live
-    if proc.returncode != 0:
-        raise RuntimeError(f"the floor failed ({proc.returncode})")
-    fl = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  floor done in {time.perf_counter() - t0:.0f} s ({fl['gpu']}, {fl['engine_model']})", file=sys.stderr)
-
     rows = []
     procs = C.Procs("cosy-bg-")
+    child = subprocess.Popen([sys.executable, "-m", "cosy.bench.gpu", "floor", model, "-", text, str(per_stream),
+                              str(max(stream_counts))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         procs.broker()
         t_load = time.perf_counter()
         procs.worker("cosyvoice", "bench-gpu", {"model_dir": model, "capacity": max(stream_counts)})
+        fl = _floor_line(child)  # both load at once; the GPU is idle for one while the other is measured
         procs.wait_workers(1, timeout=600)
         worker_load_s = time.perf_counter() - t_load
+        print(f"  loaded: floor {fl['load_s']} s, worker {worker_load_s:.0f} s ({fl['gpu']}, {fl['engine_model']})",
+              file=sys.stderr, flush=True)
         client = _CountingClient(procs.dir, text)
         try:
-            warm = closed_loop(client, 1, 1, 300)  # warm-up: CUDA kernels, allocator
+            warm = closed_loop(client, 1, 1, 600)  # warm-up: CUDA kernels, allocator
             if len(warm.total_s) != 1:
                 raise RuntimeError(f"the warm-up job did not complete; worker log: {procs.log('bench-gpu')}")
-            for n in stream_counts:
+            for n in stream_counts:  # floor, then cosy, per N: a run cut short still has whole rows
+                assert child.stdin is not None
+                child.stdin.write(f"{n}\n")
+                child.stdin.flush()
+                f = _floor_line(child)
+                print(f"  floor {n} streams: {json.dumps(f)}", file=sys.stderr, flush=True)
                 client.samples = 0
-                res = closed_loop(client, n, per_stream * n, 600)
+                res = closed_loop(client, n, per_stream * n, 900)
                 audio_s = client.samples / client.rate if client.rate else 0.0
-                f = fl["streams"][str(n)]
                 k = _ms(res.ttfc_s)
                 rows.append({"streams": n, "ttfc_p50_ms": k["p50"], "ttfc_p99_ms": k["p99"], "jobs": len(res.total_s),
                              "failed": res.failed, "rtf": round(res.elapsed_s / audio_s, 4) if audio_s else None,
@@ -184,6 +225,9 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         finally:
             client.close()
     finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
         procs.stop()
     by_n = {r["streams"]: r for r in rows}
     data = {"suite": "gpu", "model_dir": model, "text": text, "jobs_per_stream": per_stream, "streams": rows,
@@ -203,6 +247,10 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["floor"]:
-    _streams = [int(s) for s in sys.argv[3].split(",")]
+    # floor MODEL_DIR 1,4,8 TEXT [JOBS_PER_STREAM]: measure each N, print one JSON object
+    # floor MODEL_DIR - TEXT JOBS_PER_STREAM CAPACITY: load, then measure each N read from stdin (used by run())
     _per = int(sys.argv[5]) if len(sys.argv) > 5 else JOBS_PER_STREAM
-    print(json.dumps(floor(sys.argv[2], _streams, sys.argv[4], _per)))
+    if sys.argv[3] == "-":
+        _serve_floor(sys.argv[2], int(sys.argv[6]) if len(sys.argv) > 6 else max(STREAMS), sys.argv[4], _per)
+    else:
+        print(json.dumps(floor(sys.argv[2], [int(x) for x in sys.argv[3].split(",")], sys.argv[4], _per)))

@@ -207,6 +207,24 @@ def isolate_hop_len(model: Any, initial: int | None = None) -> PerThreadHop | No
     return hop
 
 
+class CopyOnRead(dict):
+    """The library's speaker cache (``frontend.spk2info``), handing out shallow copies.
+
+    ``frontend_zero_shot`` takes the cached entry itself and writes the request's ``text`` into
+    it before ``model.tts(**entry)`` runs: two concurrent jobs on one voice could each speak the
+    other's text. A copy per read keeps the cache unchanged and each job's text its own.
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        value = super().__getitem__(key)
+        return dict(value) if isinstance(value, dict) else value
+
+
+def isolate_speaker_cache(frontend: Any) -> None:
+    if isinstance(getattr(frontend, "spk2info", None), dict) and not isinstance(frontend.spk2info, CopyOnRead):
+        frontend.spk2info = CopyOnRead(frontend.spk2info)
+
+
 # --- CUDA out of memory ----------------------------------------------------------------------
 
 
@@ -263,6 +281,7 @@ class CosyVoiceEngine:
         self.sample_rate = int(self._tts.sample_rate)
         self.model = f"{self.family} ({self.model_dir.name}){' fp16' if fp16_on else ''}{' trt' if trt_on else ''}"
         self._hop = isolate_hop_len(self._tts.model, int(token_hop_len) if token_hop_len is not None else None)
+        isolate_speaker_cache(self._tts.frontend)
         self._prompt_kind = self._prompt_signature()
 
         self._voices: dict[str, RefVoice] = {}
