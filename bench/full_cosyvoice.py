@@ -30,13 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 SPEECH_TOKENS = 6561
 TEXT_VOCAB = 320  # 256 bytes + <|endoftext|> + the library's added special tokens
-SPK_DIM = 192
 MAX_TOKEN_TEXT_RATIO = 20
-SAMPLES_PER_TOKEN = 960
 QWEN = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
         "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
         "rms_norm_eps": 1e-6}
@@ -165,107 +161,18 @@ def expected_tokens(text: str) -> int:
     return len(text.encode("utf-8")) * MAX_TOKEN_TEXT_RATIO
 
 
-def _write_qwen(folder: Path) -> None:
-    """A Qwen2-0.5B-shaped Qwen2 (random) with a byte-level BPE tokenizer (every UTF-8 byte one token)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    bpe = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    bpe.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(str(folder))
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=TEXT_VOCAB, tie_word_embeddings=True, **QWEN)
-    Qwen2ForCausalLM(config).save_pretrained(str(folder))
-
-
-def _save_onnx(model, path: Path) -> None:  # noqa: ANN001 - an onnx ModelProto
-    import onnx
-
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
-def _onnx_campplus(path: Path) -> None:
-    """fbank [1, T, 80] -> mean over time -> linear -> [1, 192] (runs once per voice)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.random.default_rng(1).standard_normal((80, SPK_DIM)).astype(np.float32) * 0.1
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1], keepdims=0),
-         helper.make_node("MatMul", ["mean", "w"], ["embedding"])],
-        "campplus_standin",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, "T", 80])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, SPK_DIM])],
-        [numpy_helper.from_array(w, "w")])
-    _save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-
-
-def _onnx_speech_tokenizer(path: Path) -> None:
-    """log-mel [1, 128, T] (100 frames/s) -> every 4th frame -> a token id in [0, 6561) (25 Hz)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    consts = {"starts": np.array([0], np.int64), "ends": np.array([2**62], np.int64),
-              "axes": np.array([2], np.int64), "steps": np.array([4], np.int64),
-              "scale": np.array(997.0, np.float32), "n": np.array(SPEECH_TOKENS, np.int64)}
-    nodes = [
-        helper.make_node("Slice", ["feats", "starts", "ends", "axes", "steps"], ["sub"]),
-        helper.make_node("ReduceSum", ["sub", "axes_mel"], ["energy"], keepdims=0),
-        helper.make_node("Mul", ["energy", "scale"], ["scaled"]),
-        helper.make_node("Floor", ["scaled"], ["floored"]),
-        helper.make_node("Abs", ["floored"], ["positive"]),
-        helper.make_node("Cast", ["positive"], ["ids"], to=TensorProto.INT64),
-        helper.make_node("Mod", ["ids", "n"], ["tokens"]),
-    ]
-    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
-    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axes_mel"))
-    graph = helper.make_graph(
-        nodes, "speech_tokenizer_standin",
-        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, 128, "T"]),
-         helper.make_tensor_value_info("feats_length", TensorProto.INT32, [1])],
-        [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, "N"])], inits)
-    _save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-
-
-def _write_state_dicts(model_dir: Path) -> dict[str, int]:
-    """Build llm/flow/hift with the library from the config; save their random weights; return parameter counts."""
-    import torch
-    from hyperpyyaml import load_hyperpyyaml
-
-    torch.manual_seed(0)
-    with open(model_dir / "cosyvoice2.yaml") as f:
-        configs = load_hyperpyyaml(f, overrides={"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")})
-    llm = configs["llm"]
-    with torch.no_grad():
-        # Stop tokens (speech_token_size and above) can never win: the length is always the maximum.
-        llm.llm_decoder.weight[SPEECH_TOKENS:] = 0
-        llm.llm_decoder.bias[SPEECH_TOKENS:] = -1e4
-    counts = {}
-    for name, module in (("llm", llm), ("flow", configs["flow"]), ("hift", configs["hift"])):
-        torch.save(module.state_dict(), model_dir / f"{name}.pt")
-        counts[name] = sum(p.numel() for p in module.parameters())
-    return counts
-
-
 def make_full_model(model_dir: Path) -> Path:
     """Write the CosyVoice2-0.5B-shaped model into ``model_dir`` (created); returns it."""
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_cosyvoice import write_model  # the one generator, also used for the tests' tiny model
+
     t0 = time.monotonic()
-    (model_dir / "cosyvoice2.yaml").write_text(CONFIG)
-    _write_qwen(model_dir / "CosyVoice-BlankEN")
-    _onnx_campplus(model_dir / "campplus.onnx")
-    _onnx_speech_tokenizer(model_dir / "speech_tokenizer_v2.onnx")
-    counts = _write_state_dicts(model_dir)
-    (model_dir / "full.json").write_text(json.dumps({
+    counts = write_model(model_dir, CONFIG, QWEN, SPEECH_TOKENS)
+    (Path(model_dir) / "full.json").write_text(json.dumps({
         "shape": "CosyVoice2-0.5B", "qwen": QWEN, "speech_tokens": SPEECH_TOKENS, "text_vocab": TEXT_VOCAB,
         "parameters": counts, "generated_s": round(time.monotonic() - t0, 1),
         "note": "random weights: for timing only; byte-level text vocabulary; stop tokens disabled"}))
-    return model_dir
+    return Path(model_dir)
 
 
 if __name__ == "__main__":  # python bench/full_cosyvoice.py DIR

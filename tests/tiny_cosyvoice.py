@@ -156,8 +156,12 @@ def expected_tokens(text: str) -> int:
     return len(text.encode("utf-8")) * MAX_TOKEN_TEXT_RATIO
 
 
-def _write_qwen(folder: Path) -> None:
-    """A tiny Qwen2 with a byte-level BPE tokenizer (every UTF-8 byte one token)."""
+TINY_QWEN = {"hidden_size": HIDDEN, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "max_position_embeddings": 4096}
+
+
+def _write_qwen(folder: Path, qwen: dict) -> None:
+    """A random Qwen2 of the given shape with a byte-level BPE tokenizer (every UTF-8 byte one token)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -169,9 +173,7 @@ def _write_qwen(folder: Path) -> None:
     bpe.decoder = decoders.ByteLevel()
     PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(str(folder))
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=TEXT_VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         tie_word_embeddings=True)
+    config = Qwen2Config(vocab_size=TEXT_VOCAB, tie_word_embeddings=True, **qwen)
     Qwen2ForCausalLM(config).save_pretrained(str(folder))
 
 
@@ -191,14 +193,14 @@ def _onnx_campplus(path: Path) -> None:
     _save_onnx(onnx, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
-def _onnx_speech_tokenizer(path: Path) -> None:
-    """log-mel [1, 128, T] (100 frames/s) -> every 4th frame -> a token id in [0, SPEECH_TOKENS) (25 Hz)."""
+def _onnx_speech_tokenizer(path: Path, speech_tokens: int) -> None:
+    """log-mel [1, 128, T] (100 frames/s) -> every 4th frame -> a token id in [0, speech_tokens) (25 Hz)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     consts = {"starts": np.array([0], np.int64), "ends": np.array([2**62], np.int64),
               "axes": np.array([2], np.int64), "steps": np.array([4], np.int64),
-              "scale": np.array(997.0, np.float32), "n": np.array(SPEECH_TOKENS, np.int64)}
+              "scale": np.array(997.0, np.float32), "n": np.array(speech_tokens, np.int64)}
     nodes = [
         helper.make_node("Slice", ["feats", "starts", "ends", "axes", "steps"], ["sub"]),
         helper.make_node("ReduceSum", ["sub", "axes_mel"], ["energy"], keepdims=0),
@@ -224,8 +226,10 @@ def _save_onnx(onnx, model, path: Path) -> None:  # noqa: ANN001 - the onnx modu
     onnx.save(model, str(path))
 
 
-def _write_state_dicts(model_dir: Path) -> None:
-    """Build llm/flow/hift with the library from the config; save their random weights under its file names."""
+def _write_state_dicts(model_dir: Path, speech_tokens: int) -> dict[str, int]:
+    """Build llm/flow/hift with the library from the config; save their random weights under its file names.
+
+    Returns each module's parameter count."""
     import torch
     from hyperpyyaml import load_hyperpyyaml
 
@@ -235,25 +239,35 @@ def _write_state_dicts(model_dir: Path) -> None:
     llm = configs["llm"]
     with torch.no_grad():
         # Stop tokens (speech_token_size and above) can never win: the length is always the maximum.
-        llm.llm_decoder.weight[SPEECH_TOKENS:] = 0
-        llm.llm_decoder.bias[SPEECH_TOKENS:] = -1e4
-    torch.save(llm.state_dict(), model_dir / "llm.pt")
-    torch.save(configs["flow"].state_dict(), model_dir / "flow.pt")
-    torch.save(configs["hift"].state_dict(), model_dir / "hift.pt")
+        llm.llm_decoder.weight[speech_tokens:] = 0
+        llm.llm_decoder.bias[speech_tokens:] = -1e4
+    counts = {}
+    for name, module in (("llm", llm), ("flow", configs["flow"]), ("hift", configs["hift"])):
+        torch.save(module.state_dict(), model_dir / f"{name}.pt")
+        counts[name] = sum(p.numel() for p in module.parameters())
+    return counts
+
+
+def write_model(model_dir: Path, config: str, qwen: dict, speech_tokens: int) -> dict[str, int]:
+    """A CosyVoice2 model folder of any shape, built by the library from ``config`` (random weights).
+
+    Returns the parameter counts. Used for the tiny test model here and the full-size one of
+    bench/full_cosyvoice.py. Needs torch, transformers, onnx and the CosyVoice library."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "cosyvoice2.yaml").write_text(config)
+    _write_qwen(model_dir / "CosyVoice-BlankEN", qwen)
+    _onnx_campplus(model_dir / "campplus.onnx")
+    _onnx_speech_tokenizer(model_dir / "speech_tokenizer_v2.onnx", speech_tokens)
+    return _write_state_dicts(model_dir, speech_tokens)
 
 
 def make_tiny_model(model_dir: Path) -> Path:
-    """Write the tiny model into ``model_dir`` (created); returns it. Needs torch, transformers, onnx, cosyvoice."""
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "cosyvoice2.yaml").write_text(CONFIG.format(hidden=HIDDEN, speech_tokens=SPEECH_TOKENS))
-    _write_qwen(model_dir / "CosyVoice-BlankEN")
-    _onnx_campplus(model_dir / "campplus.onnx")
-    _onnx_speech_tokenizer(model_dir / "speech_tokenizer_v2.onnx")
-    _write_state_dicts(model_dir)
-    (model_dir / "tiny.json").write_text(json.dumps({"speech_tokens": SPEECH_TOKENS, "hidden": HIDDEN,
-                                                     "note": "random weights, for tests only"}))
-    return model_dir
+    """Write the tiny model into ``model_dir`` (created); returns it."""
+    write_model(model_dir, CONFIG.format(hidden=HIDDEN, speech_tokens=SPEECH_TOKENS), TINY_QWEN, SPEECH_TOKENS)
+    (Path(model_dir) / "tiny.json").write_text(json.dumps({"speech_tokens": SPEECH_TOKENS, "hidden": HIDDEN,
+                                                           "note": "random weights, for tests only"}))
+    return Path(model_dir)
 
 
 def make_voice(voices_dir: Path, name: str = "tiny", seconds: float = 2.0, rate: int = 22050,
