@@ -155,24 +155,9 @@ class _CountingClient(CosyLoopClient):
         self.samples = 0
         self.rate = 0
 
-    def poll(self, timeout_s: float) -> list[tuple[str, str]]:
-        from cosy.client import Audio, Completed, Failed, Rejected
-
-        out = []
-        for ev in self.client.poll(timeout_s):
-            if isinstance(ev, Audio):
-                if ev.job not in self._seen:
-                    self._seen.add(ev.job)
-                    out.append(("first", ev.job))
-            elif isinstance(ev, Completed):
-                self._seen.discard(ev.job)
-                self.samples += len(ev.audio)
-                self.rate = ev.sample_rate
-                out.append(("done", ev.job))
-            elif isinstance(ev, (Failed, Rejected)):
-                self._seen.discard(ev.job)
-                out.append(("failed", ev.job))
-        return out
+    def on_completed(self, event: Any) -> None:
+        self.samples += len(event.audio)
+        self.rate = event.sample_rate
 
 
 def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import zmq
 
@@ -38,6 +38,9 @@ class CosyLoopClient:
 
         self.client.submit(JobSpec(self.text, job=job))
 
+    def on_completed(self, event: Any) -> None:
+        """A job's whole audio arrived (a cosy.client.Completed); subclasses may look at it."""
+
     def poll(self, timeout_s: float) -> list[tuple[str, str]]:
         from cosy.client import Audio, Completed, Failed, Rejected
 
@@ -49,6 +52,7 @@ class CosyLoopClient:
                     out.append(("first", ev.job))
             elif isinstance(ev, Completed):
                 self._seen.discard(ev.job)
+                self.on_completed(ev)
                 out.append(("done", ev.job))
             elif isinstance(ev, (Failed, Rejected)):
                 self._seen.discard(ev.job)
