@@ -107,6 +107,14 @@ class Stack:
 
     # --- the CLI --------------------------------------------------------------------
 
+    def cosy_background(self, *args: str) -> subprocess.Popen:
+        """A CLI command left running (read its result with communicate()); a test that fails
+        before it ends still has it stopped by PID, with the rest of the stack."""
+        proc = subprocess.Popen([sys.executable, "-m", "cosy", *args, "--runtime-dir", str(self.runtime_dir)],
+                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        return proc
+
     def cosy(self, *args: str, input: bytes | None = None, timeout: float = 60,
              check: bool = False) -> subprocess.CompletedProcess:
         proc = subprocess.run([sys.executable, "-m", "cosy", *args, "--runtime-dir", str(self.runtime_dir)],

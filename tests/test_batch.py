@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import soundfile as sf
@@ -48,9 +47,7 @@ def assert_valid_files(outdir: Path, expected_lines: int) -> None:
 
 
 def start_batch(stack: Stack, source: Path, outdir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cosy", "batch", str(source), "--outdir", str(outdir),
-                             "--runtime-dir", str(stack.runtime_dir), *extra],
-                            env=stack.env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    return stack.cosy_background("batch", str(source), "--outdir", str(outdir), *extra)
 
 
 def test_500_lines_on_two_piper_workers_survive_a_worker_kill_and_resume_rewrites_nothing(

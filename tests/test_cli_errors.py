@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -78,9 +77,7 @@ def test_no_broker_is_exit_3_with_one_line(bare_stack: Stack, tmp_path: Path) ->
 
 def test_ctrl_c_stops_say_and_cancels_its_job(stack: Stack, tmp_path: Path) -> None:
     stack.start_worker("tone", name="t", options={"delay_ms": 100, "capacity": 1})
-    say = subprocess.Popen([sys.executable, "-m", "cosy", "say", "z" * 300, "--no-play", "--out",
-                            str(tmp_path / "o.wav"), "--runtime-dir", str(stack.runtime_dir)],
-                           env=stack.env, stderr=subprocess.PIPE)
+    say = stack.cosy_background("say", "z" * 300, "--no-play", "--out", str(tmp_path / "o.wav"))
     wait_for(lambda: stack.status()["running"] == 1, 30, "the job to start")
     say.send_signal(signal.SIGINT)
     _, err = say.communicate(timeout=30)
@@ -100,9 +97,7 @@ def test_say_backs_off_while_the_queue_is_full(bare_stack: Stack, tmp_path: Path
         filler.connect()
         filler.submit(JobSpec("fill", priority=P.BULK))
         wait_for(lambda: [e for e in filler.poll(0.05) if isinstance(e, Accepted)], 10, "the filler")
-        say = subprocess.Popen([sys.executable, "-m", "cosy", "say", "patient", "--no-play", "--out",
-                                str(tmp_path / "o.wav"), "--runtime-dir", str(s.runtime_dir)],
-                               env=s.env, stderr=subprocess.PIPE)
+        say = s.cosy_background("say", "patient", "--no-play", "--out", str(tmp_path / "o.wav"))
         wait_for(lambda: s.status()["counters"]["rejected"] >= 2, 30, "say to be turned away twice")
         s.start_worker("tone", name="t")  # the queue drains; say gets in
         _, err = say.communicate(timeout=60)

@@ -50,9 +50,7 @@ def test_twenty_concurrent_says_on_two_workers(stack: Stack, tmp_path: Path) -> 
     procs = []
     for i in range(20):
         out = tmp_path / f"{i}.wav"
-        procs.append((out, subprocess.Popen(
-            [sys.executable, "-m", "cosy", "say", f"Sentence number {i}.", "--no-play", "--out", str(out),
-             "--runtime-dir", str(stack.runtime_dir)], env=stack.env, stderr=subprocess.PIPE)))
+        procs.append((out, stack.cosy_background("say", f"Sentence number {i}.", "--no-play", "--out", str(out))))
     for out, proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode()
@@ -69,8 +67,7 @@ def test_worker_killed_mid_job_completes_elsewhere_with_one_attempt(stack: Stack
     b = stack.start_worker("tone", name="b", options=opts)
     text = "x" * 150  # 3 s of tone in 30 chunks, about 1.8 s to synthesize
     out = tmp_path / "out.wav"
-    say = subprocess.Popen([sys.executable, "-m", "cosy", "say", text, "--no-play", "--out", str(out),
-                            "--runtime-dir", str(stack.runtime_dir)], env=stack.env, stderr=subprocess.PIPE)
+    say = stack.cosy_background("say", text, "--no-play", "--out", str(out))
     busy = wait_for(lambda: [w for w in stack.status()["workers"] if w["running"]], 30, "a busy worker")
     victim = a if busy[0]["name"] == "a" else b
     assert busy[0]["pid"] == victim.pid

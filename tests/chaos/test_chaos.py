@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -61,9 +59,7 @@ def test_twenty_random_worker_kills_during_a_200_line_batch(bare_stack: Stack, t
     source = tmp_path / "lines.txt"
     source.write_text("\n".join(texts) + "\n")
     outdir = tmp_path / "out"
-    batch = subprocess.Popen([sys.executable, "-m", "cosy", "batch", str(source), "--outdir", str(outdir),
-                              "--runtime-dir", str(s.runtime_dir), "--retries", "5"],
-                             env=s.env, stderr=subprocess.PIPE)
+    batch = s.cosy_background("batch", str(source), "--outdir", str(outdir), "--retries", "5")
     kills = 0
     deadline = time.monotonic() + 240
     while batch.poll() is None and time.monotonic() < deadline and kills < 24:
@@ -97,8 +93,7 @@ def test_broker_killed_twice_during_a_batch(bare_stack: Stack, tmp_path: Path) -
     source = tmp_path / "lines.txt"
     source.write_text("\n".join(texts) + "\n")
     outdir = tmp_path / "out"
-    batch = subprocess.Popen([sys.executable, "-m", "cosy", "batch", str(source), "--outdir", str(outdir),
-                              "--runtime-dir", str(s.runtime_dir)], env=s.env, stderr=subprocess.PIPE)
+    batch = s.cosy_background("batch", str(source), "--outdir", str(outdir))
     manifest = outdir / "manifest.jsonl"
     for threshold in (30, 80):
         wait_for(lambda t=threshold: manifest.exists() and len(manifest.read_text().splitlines()) >= t
