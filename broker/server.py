@@ -29,6 +29,7 @@ from cosy import __version__, sdnotify
 from cosy import protocol as P
 from cosy.broker.scheduler import JobEntry, Scheduler, WorkerEntry
 from cosy.endpoints import Endpoints, ensure_runtime_dir
+from cosy.zmqio import recv_frames, send_frames
 
 log = logging.getLogger("cosy.broker")
 
@@ -76,6 +77,7 @@ class Broker:
         self.replay: OrderedDict[str, ReplayBuffer] = OrderedDict()  # run -> buffer
         self.replay_total = 0
         self.outbox: dict[bytes, deque[list[Any]]] = {}
+        self._front_pending: list[tuple[bytes, list[Any]]] = []  # this turn's messages to clients (_send)
         self.counters = {"accepted": 0, "rejected": 0, "done": 0, "failed": 0, "retried": 0,
                          "cancelled": 0, "malformed": 0, "replayed": 0}
         self.ttfc_ms: list[float] = []
@@ -176,6 +178,7 @@ class Broker:
                 if self.front in events:
                     self._drain(self.front, self._on_client)
                 self._dispatch()
+                self._flush_front()
                 if self.outbox:
                     self._flush_outbox()
         finally:
@@ -228,7 +231,22 @@ class Broker:
 
     def _send(self, sock: zmq.Socket, route: bytes, frames: list[Any]) -> bool:
         """Send without ever blocking the loop. A client whose queue is full (it is busy submitting,
-        not reading) gets the message later from its outbox, in order: no DONE is ever dropped."""
+        not reading) gets the message later from its outbox, in order: no DONE is ever dropped.
+
+        Messages to clients wait until the end of the loop's turn (`_flush_front`), in order: the jobs of
+        the turn go to the workers first, and a client woken by its ACCEPTED does not compete for the CPU
+        with the worker that is about to synthesize its first chunk."""
+        if sock is self.front:
+            self._front_pending.append((route, frames))
+            return True
+        return self._send_now(sock, route, frames)
+
+    def _flush_front(self) -> None:
+        pending, self._front_pending = self._front_pending, []
+        for route, frames in pending:
+            self._send_now(self.front, route, frames)
+
+    def _send_now(self, sock: zmq.Socket, route: bytes, frames: list[Any]) -> bool:
         if sock is self.front and route in self.outbox:
             return self._queue_out(route, frames)
         try:
@@ -272,20 +290,22 @@ class Broker:
     # --- audio ----------------------------------------------------------------------
 
     def _forward_audio(self) -> None:
+        runs, replay, counters = self.sched.runs, self.replay, self.counters
+        audio_in, audio_out = self.audio_in, self.audio_out
         for _ in range(1000):
             try:
-                frames = self.audio_in.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(audio_in)
             except zmq.Again:
                 return
             if len(frames) != 3:
-                self.counters["malformed"] += 1
+                counters["malformed"] += 1
                 continue
             try:
                 header = P.ChunkHeader.unpack(frames[1].bytes)
             except P.ProtocolError:
-                self.counters["malformed"] += 1
+                counters["malformed"] += 1
                 continue
-            entry = self.sched.runs.get(header.run)
+            entry = runs.get(header.run)
             if entry is not None:
                 job = entry.job
                 if not entry.first_chunk:
@@ -293,16 +313,16 @@ class Broker:
             else:
                 # The worker's DONE (on the back socket) can overtake the run's last chunks (on
                 # audio-in): a run that just finished still has its replay buffer, so keep forwarding.
-                buf = self.replay.get(header.run)
+                buf = replay.get(header.run)
                 if buf is None or not buf.finished:
                     continue  # a cancelled or unknown run: nobody wants it
                 job = buf.job
-            if frames[0].bytes != P.topic(job) or header.job != job:
-                self.counters["malformed"] += 1
+            if header.job != job or frames[0].bytes != P.topic(job):
+                counters["malformed"] += 1
                 continue
             self._buffer(header, frames[1], frames[2])
             try:
-                self.audio_out.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                send_frames(audio_out, frames)
             except zmq.Again:
                 pass  # the replay buffer covers it
 
@@ -310,7 +330,7 @@ class Broker:
         buf = self.replay.get(header.run)
         if buf is None:
             buf = self.replay[header.run] = ReplayBuffer(header.job)
-        n = len(pframe.buffer) + len(hframe.buffer)
+        n = len(pframe) + len(hframe)
         buf.chunks[header.seq] = (hframe, pframe)
         buf.nbytes += n
         self.replay_total += n

@@ -448,9 +448,20 @@ class ChunkHeader:
                                 max_map_len=16, max_bin_len=0, max_ext_len=0)
         except Exception as exc:
             raise ProtocolError(f"undecodable chunk header: {exc.__class__.__name__}") from None
-        if not isinstance(m, dict):
+        if type(m) is not dict:
             raise ProtocolError("chunk header must be a msgpack map")
-        h = ChunkHeader(**_check(ChunkHeader, m))
+        # The hot path (every chunk, in the broker and the client): check the common case inline, and let the
+        # generic checker name the field only when something is wrong. Same rules either way.
+        g = m.get
+        job, run, fmt = g("job"), g("run"), g("format")
+        attempt, seq, rate, channels = g("attempt"), g("seq"), g("sample_rate"), g("channels")
+        final, total_chunks, total_samples = g("final", False), g("total_chunks", 0), g("total_samples", 0)
+        if (type(job) is str and type(run) is str and type(fmt) is str and type(attempt) is int
+                and type(seq) is int and type(rate) is int and type(channels) is int and type(final) is bool
+                and type(total_chunks) is int and type(total_samples) is int):
+            h = ChunkHeader(job, run, attempt, seq, rate, fmt, channels, final, total_chunks, total_samples)
+        else:
+            h = ChunkHeader(**_check(ChunkHeader, m))
         if (h.format not in SAMPLE_FORMATS or not (1 <= h.channels <= 8)
                 or not (1000 <= h.sample_rate <= 384_000) or h.seq < 0 or h.attempt < 1):
             raise ProtocolError("chunk header out of range")

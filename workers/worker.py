@@ -1,11 +1,15 @@
 """A worker: one warm engine, jobs from the broker's back ROUTER, audio out on a publisher.
 
-Sockets (one owner each: the main loop):
+Sockets:
   DEALER  -> broker back ROUTER   READY / HEARTBEAT / DONE / FAILED, in: JOB / CANCEL / HEARTBEAT
+                                   (main loop only)
   XPUB    -> broker audio-in XSUB  audio chunks. An XPUB (not a PUB) so the worker *sees* the
                                    broker's subscription arrive and announces READY only when
-                                   its first chunk cannot be lost to a slow join.
-  PULL    <- inproc, from the synthesis threads (each has its own PUSH)
+                                   its first chunk cannot be lost to a slow join. The main loop reads
+                                   that subscription, then hands the socket to the synthesis threads,
+                                   which send their chunks on it themselves under a lock: no thread
+                                   hop between a chunk and the wire.
+  PULL    <- inproc, from the synthesis threads (each has its own PUSH): DONE / FAILED / cancelled
 
 Inference runs in threads so heartbeats keep flowing while the engine works.
 """
@@ -21,6 +25,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import zmq
@@ -30,6 +35,7 @@ from cosy import sdnotify
 from cosy.endpoints import Endpoints
 from cosy.security import prepare_client
 from cosy.workers.engines import Engine, EngineError, SynthesisRequest
+from cosy.zmqio import send_frames
 
 log = logging.getLogger("cosy.worker")
 
@@ -74,6 +80,8 @@ class Worker:
         self._local = threading.local()
         self._pushers: list[zmq.Socket] = []
         self._pushers_lock = threading.Lock()
+        self._audio: zmq.Socket | None = None  # the XPUB, once the broker subscribed; guarded by _audio_lock
+        self._audio_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=engine.capacity, thread_name_prefix="synth")
         self._voices = [v.name for v in engine.voices()]
         self._sample_width = 2
@@ -92,6 +100,11 @@ class Worker:
             with self._pushers_lock:
                 self._pushers.append(sock)
         return sock
+
+    def _publish(self, parts: list[Any]) -> None:
+        with self._audio_lock:  # the lock also carries the socket safely between threads (a full barrier)
+            if self._audio is not None:
+                send_frames(self._audio, parts)
 
     def _synthesize(self, run: Run) -> None:
         job = run.job
@@ -115,7 +128,7 @@ class Worker:
                 if seq == 0:
                     ttfc = (time.perf_counter() - t0) * 1000
                 header = P.ChunkHeader(job.job, job.run, job.attempt, seq, rate, "s16le", 1)
-                push.send_multipart([b"C", topic, header.pack(), pcm], copy=pcm.nbytes < 65536)
+                self._publish([topic, header.pack(), pcm])
                 seq += 1
                 samples += pcm.size
             if run.cancelled.is_set():
@@ -123,7 +136,7 @@ class Worker:
                 return
             final = P.ChunkHeader(job.job, job.run, job.attempt, seq, rate, "s16le", 1, final=True,
                                   total_chunks=seq + 1, total_samples=samples)
-            push.send_multipart([b"C", topic, final.pack(), b""])
+            self._publish([topic, final.pack(), b""])
             elapsed = time.perf_counter() - t0
             rtf = elapsed / (samples / rate) if samples else 0.0
             done = P.JobDone(job.job, job.run, job.attempt, seq + 1, samples, rate, round(ttfc, 3),
@@ -217,7 +230,7 @@ class Worker:
                 timeout = min(timeout, watchdog.due_in())
                 events = dict(poller.poll(timeout * 1000))
                 if pull in events:
-                    self._drain_results(pull, xpub, dealer)
+                    self._drain_results(pull, dealer)
                 if xpub in events:
                     while True:
                         try:
@@ -226,6 +239,10 @@ class Worker:
                             break
                         if sub[:1] == b"\x01":
                             audio_ready = True
+                    if audio_ready:  # from now on the synthesis threads own the XPUB
+                        poller.unregister(xpub)
+                        with self._audio_lock:
+                            self._audio = xpub
                 if dealer in events:
                     while True:
                         try:
@@ -247,7 +264,10 @@ class Worker:
         finally:
             sdnotify.notify("STOPPING=1")
             self._pool.shutdown(wait=False, cancel_futures=True)
-            for sock in (pull, xpub, dealer):
+            with self._audio_lock:
+                self._audio = None
+                xpub.close(linger=0)
+            for sock in (pull, dealer):
                 sock.close(linger=0)
             with self._pushers_lock:
                 for s in self._pushers:
@@ -307,16 +327,14 @@ class Worker:
             return "reconnect"
         return None
 
-    def _drain_results(self, pull: zmq.Socket, xpub: zmq.Socket, dealer: zmq.Socket) -> None:
+    def _drain_results(self, pull: zmq.Socket, dealer: zmq.Socket) -> None:
         for _ in range(1000):
             try:
                 frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             kind = frames[0].bytes
-            if kind == b"C":
-                xpub.send_multipart(frames[1:], copy=False)
-            elif kind == b"D":
+            if kind == b"D":
                 body = [f.bytes for f in frames[1:]]
                 msg = P.decode(body, P.WORKER_MESSAGES)
                 run = self.runs.pop(msg.run, None)
