@@ -38,12 +38,9 @@ LogLevelOpt = typer.Option("INFO", "--log-level", envvar="COSY_LOG_LEVEL", help=
 
 
 def _endpoints(runtime_dir: Path | None, url: str | None, curve_dir: Path | None = None):
-    from cosy.endpoints import EndpointError, resolve
+    from cosy.cli.quick import endpoints_or_fail
 
-    try:
-        return resolve(runtime_dir, url, curve_dir)
-    except EndpointError as exc:
-        exits.fail(str(exc), exits.USAGE)
+    return endpoints_or_fail(runtime_dir, url, curve_dir)
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
@@ -186,12 +183,14 @@ def say(
       echo "From a pipe." | cosy say - --out hello.wav --no-play\n
       cosy say -f chapter.txt -o - | aplay
     """
-    from cosy.cli.say import run_say
+    # `cosy say` usually never gets here: cosy.cli.quick parses it without typer (faster start) and
+    # sends only what it does not recognise to this command. Both end in run_say_args.
+    from cosy.cli.quick import run_say_args
 
-    eps = _endpoints(runtime_dir, connect)
-    raise typer.Exit(run_say(eps, text=text, file=file, voice=voice, out=out, raw=raw, play=not no_play,
-                             speed=speed, priority=priority, timeout=timeout, list_voices=list_voices,
-                             verbose=verbose, instruct=instruct))
+    raise typer.Exit(run_say_args(dict(
+        text=text, file=file, voice=voice, out=out, raw=raw, no_play=no_play, speed=speed, priority=priority,
+        instruct=instruct, timeout=timeout, list_voices=list_voices, verbose=verbose, runtime_dir=runtime_dir,
+        connect=connect)))
 
 
 @app.command()
@@ -278,11 +277,12 @@ def keys_generate(
     print(f"public key:  {public}\nsecret key:  {secret} (keep it private)")
 
 
-def main() -> None:
+def main(default_map: dict | None = None) -> None:
+    """The typer app; `cosy` itself starts in cosy.cli.quick.main, which may pass the config it read."""
     from cosy.config import cli_default_map
 
     try:
-        app(default_map=cli_default_map())
+        app(default_map=cli_default_map() if default_map is None else default_map)
     except KeyboardInterrupt:
         sys.exit(exits.INTERRUPTED)
 

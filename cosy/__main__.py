@@ -1,3 +1,3 @@
-from cosy.cli.main import main
+from cosy.cli.quick import main
 
 main()
