@@ -108,7 +108,9 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
             exits.fail(str(exc), exits.UNREACHABLE)
         client.submit(spec)
         # What does not need the broker happens while the worker synthesizes: opening the audio
-        # device (PortAudio) and importing numpy cost ~100 ms each, and the first audio needs both.
+        # device (PortAudio) and importing numpy cost ~100 ms each, and playing or saving needs both.
+        # Audio on a pipe (-o -) needs neither: there the CLI stays idle, leaving the cores to a CPU
+        # engine (Piper's first sentence took ~100 ms longer on 2 cores while `cosy say` imported numpy).
         play = play and not to_stdout
         player_error = None
         if play:
@@ -124,7 +126,8 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
                     client.poll(0.05)
                     exits.fail(f"{exc}; use --out FILE to save the audio instead", exits.JOB_FAILED)
                 print(f"cosy: {exc}; saving to {out_path} only", file=sys.stderr)
-        import numpy  # noqa: F401
+        if play or out_path is not None:
+            import numpy  # noqa: F401
         deadline = time.monotonic() + timeout
         busy_tries = 0
         retry_at = 0.0
@@ -158,7 +161,7 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
                             exits.fail("the worker was lost mid-stream and the audio already piped cannot be "
                                        "taken back; use --out FILE for a file that is always complete",
                                        exits.JOB_FAILED)
-                        sink.write(ev.pcm, ev.sample_rate)
+                        sink.write(ev.data, ev.sample_rate)
                 elif isinstance(ev, Started) and ev.attempt > 1:
                     print(f"cosy: worker lost; attempt {ev.attempt} on {ev.worker}", file=sys.stderr)
                 elif isinstance(ev, BrokerRestarted):

@@ -67,10 +67,11 @@ class PcmSink:
         self.raw = raw
         self.started = False
 
-    def write(self, pcm: np.ndarray, sample_rate: int) -> None:
+    def write(self, data: bytes, sample_rate: int) -> None:
+        """Write s16le samples (bytes or any buffer of them: no numpy needed)."""
         if not self.started:
             if not self.raw:
                 self.out.write(wav_stream_header(sample_rate))
             self.started = True
-        self.out.write(pcm.astype("<i2", copy=False).tobytes())
+        self.out.write(data)
         self.out.flush()
