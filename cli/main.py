@@ -118,6 +118,10 @@ def worker(
     connect: str | None = ConnectOpt,
     curve_dir: Path | None = CurveOpt,
     heartbeat_ms: int = typer.Option(1000, "--heartbeat-ms"),
+    stall_timeout: float = typer.Option(120.0, "--stall-timeout", min=0,
+                                        help="Seconds a job may go without new audio before its engine counts as "
+                                        "stuck: the job is retried elsewhere and the worker exits with 75 to be "
+                                        "restarted (0: never)."),
     log_level: str = LogLevelOpt,
 ) -> None:
     """Run one worker: load an engine once, keep it warm, serve jobs from the broker."""
@@ -135,7 +139,7 @@ def worker(
         except KeyError_ as exc:
             exits.fail(str(exc), exits.USAGE)
     raise typer.Exit(run_worker(engine, eps, _engine_options(engine, option, model_dir), name, heartbeat_ms / 1000,
-                                log_level, device))
+                                log_level, device, stall_timeout))
 
 
 @app.command()

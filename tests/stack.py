@@ -56,13 +56,13 @@ class Stack:
         return self.broker
 
     def start_worker(self, engine: str = "piper", name: str | None = None, options: dict[str, Any] | None = None,
-                     wait: bool = True) -> subprocess.Popen:
+                     wait: bool = True, extra: tuple[str, ...] = ()) -> subprocess.Popen:
         name = name or f"{engine}-{len(self.workers)}"
         opts: list[str] = []
         for k, v in (options or {}).items():
             opts += ["--option", f"{k}={v}"]
         proc = self.spawn("worker", "--engine", engine, "--name", name, "--runtime-dir", str(self.runtime_dir),
-                          "--heartbeat-ms", str(HEARTBEAT_MS), *opts, name=name)
+                          "--heartbeat-ms", str(HEARTBEAT_MS), *opts, *extra, name=name)
         self.workers[name] = proc
         if wait:
             self.wait_worker(name)

@@ -37,7 +37,7 @@ def test_documented_fields_match_the_dataclasses() -> None:
 def test_documented_error_codes_exist() -> None:
     doc = (ROOT / "PROTOCOL.md").read_text()
     for code in (P.BAD_REQUEST, P.BUSY, P.TEXT_TOO_LONG, P.UNKNOWN_VOICE, P.DUPLICATE_JOB, P.UNKNOWN_JOB,
-                 P.ENGINE_ERROR, P.WORKER_LOST, P.CANCELLED, P.REPLAY_GONE, P.CLIENT_GONE):
+                 P.ENGINE_ERROR, P.ENGINE_STALLED, P.WORKER_LOST, P.CANCELLED, P.REPLAY_GONE, P.CLIENT_GONE):
         assert f"`{code}`" in doc
 
 

@@ -78,6 +78,25 @@ def test_out_of_memory_on_one_worker_is_retried_on_another(stack: Stack) -> None
     assert set(workers) == {"oom", "fine"}
 
 
+def test_a_stuck_engine_is_failed_over_and_its_worker_exits_to_be_restarted(stack: Stack) -> None:
+    """An engine that stops producing and ignores cancellation (CosyVoice's stream after its LLM thread died)
+    must not hold the job or the slot forever: the job moves to another worker, the stuck one leaves with 75."""
+    stuck = stack.start_worker("tone", name="stuck", options={"hang_on": "STUCK", "crash_after": 1},
+                               extra=("--stall-timeout", "1"))
+    with Client(stack.endpoints) as client:
+        client.connect()
+        client.submit(JobSpec("a STUCK job that never ends", job="stuck-job"))
+        run_until(client, lambda ev: any(isinstance(e, Started) and e.worker == "stuck" for e in ev))
+        stack.start_worker("tone", name="fine")
+        events = run_until(client, lambda ev: any(isinstance(e, (Completed, Failed)) for e in ev))
+    (done,) = [e for e in events if isinstance(e, Completed)]
+    assert done.done.worker == "fine" and done.done.attempt == 2
+    assert done.audio.size == done.done.samples > 0
+    assert stuck.wait(timeout=20) == 75
+    log = (stack.runtime_dir / "stuck.log").read_text()
+    assert "produced nothing" in log and "exiting with 75" in log
+
+
 def test_engine_exception_fails_the_job_and_the_worker_keeps_serving(stack: Stack) -> None:
     stack.start_worker("tone", name="t", options={"fail_on": "BAD"})
     with Client(stack.endpoints) as client:

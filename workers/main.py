@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -15,10 +16,10 @@ log = logging.getLogger("cosy.worker")
 
 
 def run_worker(engine_name: str, endpoints: Endpoints, options: dict[str, str], name: str | None,
-               heartbeat_s: float, log_level: str, device: str | None = None) -> int:
+               heartbeat_s: float, log_level: str, device: str | None = None, stall_s: float | None = None) -> int:
     logs.setup(log_level)
     from cosy.workers.engines import EngineError, load_engine
-    from cosy.workers.worker import Worker
+    from cosy.workers.worker import EXIT_STALLED, STALL_S, Worker
 
     stop = threading.Event()
 
@@ -32,10 +33,17 @@ def run_worker(engine_name: str, endpoints: Endpoints, options: dict[str, str], 
     except (EngineError, ValueError, TypeError) as exc:
         print(f"cosy worker: cannot start the {engine_name} engine: {exc}", file=sys.stderr)
         return 2
-    worker = Worker(engine, endpoints, name=name, heartbeat_s=heartbeat_s)
+    worker = Worker(engine, endpoints, name=name, heartbeat_s=heartbeat_s,
+                    stall_s=STALL_S if stall_s is None else stall_s)
     worker.warm_up()
     try:
         worker.run(stop)
     finally:
-        engine.close()
+        if not worker.stalled:
+            engine.close()
+    if worker.stalled:
+        # The stuck thread would keep the interpreter from exiting (and engine.close() may wait on it too).
+        log.error("a synthesis thread is stuck: exiting with %d so the worker is started afresh", EXIT_STALLED)
+        logging.shutdown()
+        os._exit(EXIT_STALLED)
     return 0

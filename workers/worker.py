@@ -40,6 +40,8 @@ from cosy.zmqio import send_frames
 log = logging.getLogger("cosy.worker")
 
 HEARTBEAT_S = 1.0
+STALL_S = 120.0  # a run without a new chunk for this long has a stuck engine (see Worker.stall_s)
+EXIT_STALLED = 75  # EX_TEMPFAIL: the worker left because a synthesis thread is stuck; restart it
 VOICE_REFRESH_S = 5.0  # how often an engine with folder-based voices looks for new ones
 LIVENESS = 3  # missed broker heartbeats before the worker reconnects
 
@@ -48,6 +50,7 @@ LIVENESS = 3  # missed broker heartbeats before the worker reconnects
 class Run:
     job: P.Job
     cancelled: threading.Event = field(default_factory=threading.Event)
+    progress: float = field(default_factory=time.monotonic)  # when the engine last produced audio (or began)
 
 
 @dataclass
@@ -66,12 +69,17 @@ class Stats:
 class Worker:
     def __init__(self, engine: Engine, endpoints: Endpoints, name: str | None = None,
                  heartbeat_s: float = HEARTBEAT_S, liveness: int = LIVENESS,
-                 ctx: zmq.Context | None = None, on_ready: callable | None = None) -> None:
+                 ctx: zmq.Context | None = None, on_ready: callable | None = None, stall_s: float = STALL_S) -> None:
         self.engine = engine
         self.endpoints = endpoints
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
+        # A Python thread cannot be killed: when an engine stops producing (CosyVoice's stream waits forever once
+        # its LLM thread died), the run is failed over as retryable and the worker leaves with EXIT_STALLED, so
+        # that systemd or `cosy up` starts a fresh process. 0 turns the watchdog off.
+        self.stall_s = stall_s
+        self.stalled = False
         self.ctx = ctx or zmq.Context.instance()
         self.on_ready = on_ready
         self.runs: dict[str, Run] = {}
@@ -125,6 +133,7 @@ class Worker:
                 pcm = _to_s16(audio)
                 if pcm.size == 0:
                     continue
+                run.progress = time.monotonic()
                 if seq == 0:
                     ttfc = (time.perf_counter() - t0) * 1000
                 header = P.ChunkHeader(job.job, job.run, job.attempt, seq, rate, "s16le", 1)
@@ -216,6 +225,8 @@ class Worker:
                     next_voices = now + VOICE_REFRESH_S
                     if self._voices_changed():
                         dealer.send_multipart(dataclasses.replace(self._ready_msg(), update=True).to_frames())
+                if self.stall_s and self._fail_stalled(now, dealer):
+                    break
                 if registered and now - broker_seen > self.heartbeat_s * self.liveness:
                     log.warning("broker silent for %.1f s: reconnecting", now - broker_seen)
                     self._cancel_all()
@@ -275,6 +286,23 @@ class Worker:
                         s.close(linger=0)
                     except zmq.ZMQError:
                         pass
+
+    def _fail_stalled(self, now: float, dealer: zmq.Socket) -> bool:
+        """Fail every run whose engine made no progress for stall_s (retryable elsewhere); True if any did."""
+        stuck = [run for run in self.runs.values() if now - run.progress > self.stall_s]
+        for run in stuck:
+            job = run.job
+            log.error("job %s (run %s): the engine produced nothing for %.0f s; failing it over and restarting "
+                      "the worker", job.job, job.run, now - run.progress)
+            run.cancelled.set()
+            del self.runs[job.run]
+            self.stats.failed += 1
+            dealer.send_multipart(P.JobFailed(job.job, P.ENGINE_STALLED, f"the engine on {self.name} made no "
+                                              f"progress for {self.stall_s:g} s", job.run, job.attempt,
+                                              retryable=True).to_frames())
+        if stuck:
+            self.stalled = True
+        return bool(stuck)
 
     def _voices_changed(self) -> bool:
         refresh = getattr(self.engine, "refresh_voices", None)

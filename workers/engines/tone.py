@@ -8,12 +8,15 @@ refresh, as zero-shot engines re-read their voice folders), ``capacity``,
 Failure injection for tests: a text containing ``fail_on`` raises an engine
 error; one containing ``oom_on`` raises what PyTorch raises on CUDA out-of-memory;
 one containing ``crash_on`` kills the process after ``crash_after`` chunks (as a
-segfault or the OOM killer would).
+segfault or the OOM killer would); one containing ``hang_on`` stops after ``crash_after``
+chunks and never returns, deaf to cancellation (as CosyVoice's stream does when its LLM
+thread dies).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -28,7 +31,7 @@ class ToneEngine:
                  voices: str = "tone", capacity: int | str = 4, sample_rate: int | str = 22050,
                  frequency: float | str = 440.0, fail_on: str = "", crash_on: str = "",
                  crash_after: int | str = 1, first_delay_ms: float | str | None = None, oom_on: str = "",
-                 voices_file: str = "") -> None:
+                 voices_file: str = "", hang_on: str = "") -> None:
         self.model = "sine"
         self.device = "cpu"
         self.sample_rate = int(sample_rate)
@@ -44,6 +47,7 @@ class ToneEngine:
         self._crash_on = crash_on
         self._oom_on = oom_on
         self._crash_after = int(crash_after)
+        self._hang_on = hang_on
 
     def _read_voices(self) -> list[str]:
         with open(self._voices_file) as f:
@@ -73,9 +77,12 @@ class ToneEngine:
         t = np.arange(total, dtype=np.float32) / self.sample_rate
         wave = (0.3 * 32767 * np.sin(2 * np.pi * self._freq * t)).astype(np.int16)
         crash = bool(self._crash_on) and self._crash_on in request.text
+        hang = bool(self._hang_on) and self._hang_on in request.text
         for i, start in enumerate(range(0, total, self._chunk)):
             if crash and i >= self._crash_after:
                 os._exit(137)
+            if hang and i >= self._crash_after:
+                threading.Event().wait()  # forever
             delay = self._first_delay if i == 0 else self._delay
             if delay:
                 if request.cancelled.wait(delay):
