@@ -11,8 +11,6 @@ import threading
 from collections import deque
 from typing import Any
 
-import numpy as np
-
 
 class NoAudioDevice(RuntimeError):
     """No usable audio output: the message says why, in one line."""
@@ -37,19 +35,25 @@ def check_output_device() -> str:
 
 
 class LivePlayer:
+    """Plays s16le mono chunks (bytes, or any buffer of int16 such as a numpy array) as they are fed.
+
+    Works on bytes throughout, so `cosy say` needs no numpy to play: the callback copies memoryview
+    slices into PortAudio's buffer. ``played`` and ``underruns`` count samples and callbacks.
+    """
+
     def __init__(self, sample_rate: int, prebuffer_ms: float = 0.0, device: str | int | None = None) -> None:
         sd = _sounddevice()
         self.sample_rate = sample_rate
-        self.prebuffer = int(sample_rate * prebuffer_ms / 1000)
-        self._queue: deque[np.ndarray] = deque()
-        self._offset = 0
-        self._buffered = 0
+        self.prebuffer = int(sample_rate * prebuffer_ms / 1000) * 2  # bytes
+        self._queue: deque[memoryview] = deque()
+        self._offset = 0  # bytes of the head chunk already played
+        self._buffered = 0  # bytes queued
         self._lock = threading.Lock()
         self._finished = False
         self._drained = threading.Event()
         self._started = self.prebuffer == 0
         self.underruns = 0
-        self.played = 0
+        self.played = 0  # samples
         try:
             self._stream = sd.RawOutputStream(samplerate=sample_rate, channels=1, dtype="int16",
                                               device=device, callback=self._callback, latency="low")
@@ -57,10 +61,13 @@ class LivePlayer:
         except Exception as exc:
             raise NoAudioDevice(f"cannot open the audio output: {str(exc).splitlines()[0]}") from None
 
-    def feed(self, pcm: np.ndarray) -> None:
+    def feed(self, pcm: Any) -> None:
+        data = memoryview(pcm).cast("B")
+        if len(data) % 2:
+            raise ValueError("s16le audio has an even number of bytes")
         with self._lock:
-            self._queue.append(pcm)
-            self._buffered += len(pcm)
+            self._queue.append(data)
+            self._buffered += len(data)
             if not self._started and self._buffered >= self.prebuffer:
                 self._started = True
 
@@ -77,12 +84,13 @@ class LivePlayer:
             self._started = True
 
     def _callback(self, outdata: Any, frames: int, _time: Any, _status: Any) -> None:
-        out = np.frombuffer(outdata, dtype=np.int16)
+        out = memoryview(outdata).cast("B")
+        need = frames * 2
         filled = 0
         with self._lock:
-            while self._started and filled < frames and self._queue:
+            while self._started and filled < need and self._queue:
                 head = self._queue[0]
-                take = min(frames - filled, len(head) - self._offset)
+                take = min(need - filled, len(head) - self._offset)
                 out[filled:filled + take] = head[self._offset:self._offset + take]
                 filled += take
                 self._offset += take
@@ -91,10 +99,11 @@ class LivePlayer:
                     self._queue.popleft()
                     self._offset = 0
             finished = self._finished and not self._queue
-            if filled < frames and self._started and not finished and self.played:
+            if filled < need and self._started and not finished and self.played:
                 self.underruns += 1
-            self.played += filled
-        out[filled:] = 0
+            self.played += filled // 2
+        if filled < need:
+            out[filled:need] = bytes(need - filled)
         if finished:
             self._drained.set()
 

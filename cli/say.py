@@ -107,10 +107,10 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
         except BrokerUnreachable as exc:
             exits.fail(str(exc), exits.UNREACHABLE)
         client.submit(spec)
-        # What does not need the broker happens while the worker synthesizes: opening the audio
-        # device (PortAudio) and importing numpy cost ~100 ms each, and playing or saving needs both.
-        # Audio on a pipe (-o -) needs neither: there the CLI stays idle, leaving the cores to a CPU
-        # engine (Piper's first sentence took ~100 ms longer on 2 cores while `cosy say` imported numpy).
+        # What does not need the broker happens while the worker synthesizes: initialising PortAudio
+        # (~60 ms) to play, importing numpy (~90 ms) to save a file. Nothing else: on a small machine a
+        # CPU engine needs the cores (Piper's first sentence took ~100 ms longer on 2 cores while
+        # `cosy say` imported numpy). Playing and piping work on the chunks' bytes, without numpy.
         play = play and not to_stdout
         player_error = None
         if play:
@@ -126,7 +126,7 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
                     client.poll(0.05)
                     exits.fail(f"{exc}; use --out FILE to save the audio instead", exits.JOB_FAILED)
                 print(f"cosy: {exc}; saving to {out_path} only", file=sys.stderr)
-        if play or out_path is not None:
+        if out_path is not None:
             import numpy  # noqa: F401
         deadline = time.monotonic() + timeout
         busy_tries = 0
@@ -155,7 +155,7 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
                         elif ev.restart:
                             player.restart()
                         if player is not None:
-                            player.feed(ev.pcm)
+                            player.feed(ev.data)
                     if sink is not None:
                         if ev.restart and sink.started:
                             exits.fail("the worker was lost mid-stream and the audio already piped cannot be "
@@ -199,9 +199,9 @@ def _finish(ev, out_path: Path | None, player, t_start: float, t_first: float | 
             exits.fail(f"cannot write {out_path}: {exc.strerror or exc}", exits.JOB_FAILED)
     if player is not None:
         player.finish()
-        player.wait(timeout=len(ev.audio) / ev.sample_rate + 5)
+        player.wait(timeout=ev.samples / ev.sample_rate + 5)
         player.close()
-    seconds = len(ev.audio) / ev.sample_rate
+    seconds = ev.samples / ev.sample_rate
     if verbose:
         ttfa = (t_first - t_start) * 1000 if t_first else float("nan")
         total = time.perf_counter() - t_start

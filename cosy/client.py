@@ -98,11 +98,23 @@ class Audio:
 
 @dataclass
 class Completed:
+    """The whole audio of the one complete run: ``data`` as s16le bytes, ``audio`` as a numpy view of them."""
+
     job: str
-    audio: np.ndarray  # int16, the whole of the one complete run
+    data: bytes
     sample_rate: int
     done: P.JobDone
     replayed: int
+
+    @property
+    def audio(self) -> np.ndarray:  # int16
+        import numpy as np
+
+        return np.frombuffer(self.data, dtype="<i2")
+
+    @property
+    def samples(self) -> int:
+        return len(self.data) // 2
 
 
 @dataclass
@@ -146,11 +158,9 @@ class RunAssembly:
     def complete(self) -> bool:
         return self.total_chunks is not None and len(self.chunks) >= self.total_chunks and not self.missing()
 
-    def audio(self) -> np.ndarray:
-        import numpy as np
-
+    def data(self) -> bytes:
         assert self.total_chunks is not None
-        return np.frombuffer(b"".join(self.chunks[s] for s in range(self.total_chunks)), dtype="<i2")
+        return b"".join(self.chunks[s] for s in range(self.total_chunks))
 
 
 @dataclass
@@ -339,7 +349,7 @@ class Client:
         except P.ProtocolError:
             return
         state = self.jobs.get(h.job)
-        if state is None or h.format != "s16le" or h.channels != 1:
+        if state is None or h.format != "s16le" or h.channels != 1 or len(pcm) % 2:
             return
         if not replayed and self._drop_chunk is not None and self._drop_chunk(h):
             return
@@ -376,14 +386,15 @@ class Client:
         asm = state.runs.get(done.run)
         if asm is None or not asm.complete():
             return
-        audio = asm.audio()
-        if audio.size != done.samples or asm.total_chunks != done.chunks:
+        data = asm.data()
+        samples = len(data) // 2
+        if samples != done.samples or asm.total_chunks != done.chunks:
             self._fail(state, "INCOMPLETE_AUDIO",
-                       f"assembled {audio.size} samples in {len(asm.chunks)} chunks, "
+                       f"assembled {samples} samples in {len(asm.chunks)} chunks, "
                        f"broker reported {done.samples} in {done.chunks}", events)
             return
         self.forget(state.spec.job)
-        events.append(Completed(state.spec.job, audio, asm.sample_rate or done.sample_rate, done, asm.replayed))
+        events.append(Completed(state.spec.job, data, asm.sample_rate or done.sample_rate, done, asm.replayed))
 
     def _check_runs(self, now: float, events: list[Event]) -> None:
         for state in list(self.jobs.values()):
