@@ -26,7 +26,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         relay.spawn(["-m", "cosy.bench.floor", "relay", str(relay.dir)], "relay")
         C.wait_for(lambda: (relay.dir / "back.sock").exists(), 10, "the relay floor")
         relay.spawn(["-m", "cosy.bench.floor", "rworker", str(relay.dir), "1", "882"], "rworker")
-        floor_client = BareLoopClient(relay.dir)
+        floor_client = BareLoopClient(relay.dir, 2)  # 1 chunk + the final one
         try:
             closed_loop(floor_client, 8, 200, 20)
             for workers in (1, 2):

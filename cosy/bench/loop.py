@@ -64,9 +64,16 @@ class CosyLoopClient:
 
 
 class BareLoopClient:
-    """DEALER to a floor's front, SUB on its audio: subscribe, then send the job id."""
+    """DEALER to a floor's front, SUB on its audio: subscribe, then send the job id.
 
-    def __init__(self, runtime_dir: Path) -> None:
+    A job is done when all its `messages` (chunks and the final one) arrived, as cosy's client completes a job
+    only with all its audio: the floor's reply on the DEALER travels on another connection and can overtake
+    the chunks, which would end the job before its first chunk is counted (at 64 streams, every job did).
+    """
+
+    def __init__(self, runtime_dir: Path, messages: int) -> None:
+        self.messages = messages
+        self._count: dict[bytes, int] = {}
         ctx = zmq.Context.instance()
         d = Path(runtime_dir).absolute()
         self.dealer = ctx.socket(zmq.DEALER)
@@ -79,7 +86,6 @@ class BareLoopClient:
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)
         self.poller.register(self.sub, zmq.POLLIN)
-        self._seen: set[bytes] = set()
 
     def submit(self, job: str) -> None:
         self.sub.setsockopt(zmq.SUBSCRIBE, job.encode() + b"\0")
@@ -94,19 +100,21 @@ class BareLoopClient:
                     topic, _h, _pcm = self.sub.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if topic not in self._seen:
-                    self._seen.add(topic)
+                n = self._count.get(topic, 0) + 1
+                if n == 1:
                     out.append(("first", topic[:-1].decode()))
+                if n == self.messages:
+                    del self._count[topic]
+                    self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
+                    out.append(("done", topic[:-1].decode()))
+                else:
+                    self._count[topic] = n
         if self.dealer in ready:
-            while True:
+            while True:  # the floor's replies: drained, not needed (see the class's note)
                 try:
-                    job, _ = self.dealer.recv_multipart(zmq.NOBLOCK)
+                    self.dealer.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                topic = job + b"\0"
-                self._seen.discard(topic)
-                self.sub.setsockopt(zmq.UNSUBSCRIBE, topic)
-                out.append(("done", job.decode()))
         return out
 
     def close(self) -> None:

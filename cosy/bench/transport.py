@@ -35,7 +35,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         cosy.worker("tone", "bench-tone", {**C.TONE_FAST, "capacity": 64})
         cosy.wait_workers(1)
         C.wait_for(lambda: (floor.dir / "front.sock").exists(), 10, "the direct floor")
-        clients = {"floor": BareLoopClient(floor.dir), "relay": BareLoopClient(relay.dir),
+        clients = {"floor": BareLoopClient(floor.dir, CHUNKS + 1), "relay": BareLoopClient(relay.dir, CHUNKS + 1),
                    "cosy": CosyLoopClient(cosy.dir)}
         try:
             for c in clients.values():  # warm every path (imports, connections, thread pools)
