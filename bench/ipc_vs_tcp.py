@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,33 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cosy.client import Audio, Client, Completed, Failed, JobSpec, Rejected
-from cosy.endpoints import Endpoints, ipc_endpoints, tcp_endpoints
+from cosy.endpoints import Endpoints, free_tcp_base, ipc_endpoints, tcp_endpoints
 
 TONE_OPTIONS = {"first_delay_ms": 0, "delay_ms": 0, "chunk_ms": 100, "ms_per_char": 20}
 TEXT = "Hello there, general."  # 21 chars -> 420 ms of tone in 5 chunks
-
-
-def free_port_block(n: int = 4) -> int:
-    """A base port with n consecutive free ports on 127.0.0.1 (the broker uses four)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no block of free ports")
 
 
 @dataclass
@@ -146,7 +122,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    port = free_port_block()
+    port = free_tcp_base()
     ipc_dir = Path(tempfile.mkdtemp(prefix="cosy-bench-ipc-", dir="/tmp"))
     tcp_dir = Path(tempfile.mkdtemp(prefix="cosy-bench-tcp-", dir="/tmp"))
     url = f"tcp://127.0.0.1:{port}"

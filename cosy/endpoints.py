@@ -127,6 +127,30 @@ def tcp_endpoints(url: str, runtime_dir: Path | None = None, curve_dir: Path | N
     )
 
 
+def free_tcp_base(host: str = "127.0.0.1", n: int = 4) -> int:
+    """A base port with n consecutive free ports on host (a tcp broker uses four), for tests and benchmarks.
+    Free when checked: another process may take them before the broker binds."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports on {host}")
+
+
 def resolve(runtime_dir: Path | None, url: str | None, curve_dir: Path | None = None) -> Endpoints:
     rd = Path(runtime_dir) if runtime_dir else default_runtime_dir()
     if url:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,30 +10,9 @@ from pathlib import Path
 import pytest
 from stack import HEARTBEAT_MS, Stack, read_wav, wait_for
 
+from cosy.endpoints import free_tcp_base
+
 HOST = "127.0.0.2"  # a second loopback address stands in for another host
-
-
-def free_base_port(host: str = HOST) -> int:
-    """A base port with three free ports after it (front, back, audio-in, audio-out)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            base = s.getsockname()[1]
-        if base > 65000:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + 4):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no four consecutive free ports")
 
 
 def keys(tmp: Path) -> dict[str, Path]:
@@ -74,7 +52,7 @@ def test_non_loopback_bind_without_keys_is_refused(bare_stack: Stack) -> None:
 def test_curve_serves_authorised_peers_and_refuses_others(bare_stack: Stack, tmp_path: Path) -> None:
     d = keys(tmp_path)
     s = bare_stack
-    url = f"tcp://{HOST}:{free_base_port()}"
+    url = f"tcp://{HOST}:{free_tcp_base(HOST)}"
     broker = s.spawn("broker", "--bind", url, "--curve-dir", str(d["broker"]), "--runtime-dir",
                      str(s.runtime_dir), "--heartbeat-ms", str(HEARTBEAT_MS), name="broker")
     # An unauthorised worker starts first, so it has had longer than the good one to try.
@@ -118,7 +96,7 @@ def test_broker_with_incomplete_keys_says_what_is_missing(bare_stack: Stack, tmp
     d = keys(tmp_path)
     target = d["broker"] / missing
     shutil.rmtree(target) if target.is_dir() else target.unlink()
-    proc = subprocess.run([sys.executable, "-m", "cosy", "broker", "--bind", f"tcp://{HOST}:{free_base_port()}",
+    proc = subprocess.run([sys.executable, "-m", "cosy", "broker", "--bind", f"tcp://{HOST}:{free_tcp_base(HOST)}",
                            "--curve-dir", str(d["broker"]), "--runtime-dir", str(bare_stack.runtime_dir)],
                           env=bare_stack.env, capture_output=True, timeout=30)
     assert proc.returncode == 2
