@@ -19,6 +19,8 @@ from cosy import protocol as P
 from cosy.bench import common as C
 
 CHUNK_BYTES = 8820
+RATE = 22050
+CHUNK_SWEEP_MS = (20, 100, 1000)  # 20 ms: a codec frame; 1 s: Piper's max_chunk_s and CosyVoice's first hop
 SECONDS = 4.0
 WINDOW = (0.8, 3.6)  # the part of the source's run that is counted (seconds after the first chunk)
 
@@ -47,7 +49,7 @@ def _count(sub: zmq.Socket, seconds: float) -> tuple[int, int]:
     return n, nbytes
 
 
-def _measure(kind: str, streams: int) -> dict[str, Any]:
+def _measure(kind: str, streams: int, chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
     procs = C.Procs(f"cosy-bt{kind[0]}-")
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
@@ -62,7 +64,7 @@ def _measure(kind: str, streams: int) -> dict[str, Any]:
             for i in range(streams):
                 sub.setsockopt(zmq.SUBSCRIBE, f"t{i}".encode() + b"\0")
             procs.spawn(["-m", "cosy.bench.floor", "source", str(procs.dir), "bare", str(SECONDS),
-                         str(CHUNK_BYTES), str(streams)], "source")
+                         str(chunk_bytes), str(streams)], "source")
         else:
             procs.broker()
             sub.connect(f"ipc://{procs.dir}/audio.sock")
@@ -74,7 +76,7 @@ def _measure(kind: str, streams: int) -> dict[str, Any]:
                 sub.setsockopt(zmq.SUBSCRIBE, P.topic(job))
                 dealer.send_multipart(P.Submit(job, "bench", "bench-client").to_frames())
             procs.spawn(["-m", "cosy.bench.floor", "source", str(procs.dir), "cosy", str(SECONDS),
-                         str(CHUNK_BYTES), str(streams)], "source")
+                         str(chunk_bytes), str(streams)], "source")
         n, nbytes = _count(sub, SECONDS)
         procs.procs[-1].wait(SECONDS + 30)
         sent_file = procs.dir / "sent"
@@ -102,12 +104,22 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
                     r[kind] = m
         r["ratio"] = C.ratio(r["cosy"]["chunks_per_s"], r["floor"]["chunks_per_s"])
         rows.append(r)
+    # Chunk size: what a chunk costs against what a byte costs, at 64 streams. Audio seconds forwarded per
+    # second of wall time is the number of real-time streams the forwarder could carry at that chunk size.
+    sweep = []
+    for chunk_ms in CHUNK_SWEEP_MS:
+        nbytes = RATE * 2 * chunk_ms // 1000
+        m = {kind: _measure(kind, 64, nbytes) for kind in ("floor", "cosy")}
+        sweep.append({"chunk_ms": chunk_ms, "chunk_bytes": nbytes, "cosy_chunks_per_s": m["cosy"]["chunks_per_s"],
+                      "floor_chunks_per_s": m["floor"]["chunks_per_s"], "cosy_mb_per_s": m["cosy"]["mb_per_s"],
+                      "realtime_streams": round(m["cosy"]["chunks_per_s"] * chunk_ms / 1000),
+                      "ratio": C.ratio(m["cosy"]["chunks_per_s"], m["floor"]["chunks_per_s"])})
     main = max(rows, key=lambda x: x["streams"])
     data = {
         "suite": "throughput", "chunk_bytes": CHUNK_BYTES, "endpoints": "ipc", "streams": rows,
         "chunks_per_s": main["cosy"]["chunks_per_s"], "mb_per_s": main["cosy"]["mb_per_s"],
         "floor_chunks_per_s": main["floor"]["chunks_per_s"], "floor_mb_per_s": main["floor"]["mb_per_s"],
-        "ratio": main["ratio"],
+        "ratio": main["ratio"], "chunk_sweep_64_streams": sweep,
         "targets": {"throughput >= 0.7x the bare proxy": main["ratio"] >= 0.7},
         "load_before": load_before, "load_after": os.getloadavg()[0], "machine": C.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -116,6 +128,10 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
                   [[r["streams"], r["cosy"]["chunks_per_s"], r["cosy"]["mb_per_s"], r["floor"]["chunks_per_s"],
                     r["floor"]["mb_per_s"], r["ratio"], r["cosy"]["source_sent_per_s"]] for r in rows]))
     print(f"  ({CHUNK_BYTES}-byte chunks; floor: zmq.proxy(XSUB, XPUB), same source and sink)")
+    print(C.table(["chunk ms", "bytes", "cosy chunks/s", "MB/s", "real-time streams", "ratio to proxy"],
+                  [[r["chunk_ms"], r["chunk_bytes"], r["cosy_chunks_per_s"], r["cosy_mb_per_s"], r["realtime_streams"],
+                    r["ratio"]] for r in sweep]))
+    print("  (64 streams, 22050 Hz s16le; real-time streams = audio seconds forwarded per second)")
     C.bar_plot(out_dir, "throughput", "audio chunks forwarded per second (ipc)",
                [f"{r['streams']} streams" for r in rows],
                {"cosy broker": [r["cosy"]["chunks_per_s"] for r in rows],
