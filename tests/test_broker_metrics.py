@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 from stack import Stack, wait_for
 
 from cosy.client import Client, Completed, JobSpec
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cosy.endpoints import free_tcp_base
 
 
 def scrape(port: int) -> dict[str, dict]:
@@ -27,7 +21,7 @@ def scrape(port: int) -> dict[str, dict]:
 
 
 def test_broker_exports_queue_outcomes_and_latency_histograms(bare_stack: Stack) -> None:
-    port = free_port()
+    port = free_tcp_base(n=1)
     bare_stack.start_broker("--metrics-port", str(port))
     bare_stack.start_worker("tone", name="t")
     with Client(bare_stack.endpoints) as client:

@@ -266,12 +266,6 @@ def test_config_file_values_and_errors(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_say_takes_voice_and_speed_from_the_config_file(stack: Stack, env: dict[str, str], tmp_path: Path) -> None:
-    import inspect
-
-    from cosy.cli import main as cli_main
-
-    if "cli_default_map" not in inspect.getsource(cli_main):
-        pytest.skip("cli/main.py does not apply the config file yet (app(default_map=cli_default_map()))")
     stack.start_worker("tone", name="t", options={"voices": "alpha,beta"})
     env = {**env, "COSY_RUNTIME_DIR": str(stack.runtime_dir)}
     env.pop("COSY_VOICE", None)

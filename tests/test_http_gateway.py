@@ -27,6 +27,7 @@ import zmq
 from stack import Stack, transcribe, wait_for
 
 from cosy import protocol as P
+from cosy.endpoints import free_tcp_base
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -39,18 +40,11 @@ TONE_RATE = 22050
 LONG_TONE_TEXT = "x" * 50  # 1 s of audio in 10 chunks, one every 100 ms
 API_KEY = "test-key-123"
 
-# `cosy http` / `cosy wyoming` through the real CLI app, whether or not cli/main.py lists the module yet.
-LAUNCH = ("from cosy.cli.main import app, main\n"
-          "from cosy.cli import gateway_cmds\n"
-          "if 'http' not in {c.name for c in app.registered_commands}:\n"
-          "    gateway_cmds.register(app)\n"
-          "main()\n")
+COSY = (sys.executable, "-m", "cosy")  # the real command, as users run it
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_tcp_base(n=1)
 
 
 @dataclass
@@ -68,7 +62,7 @@ class GatewayProcess:
                  else ["--uri", f"tcp://127.0.0.1:{self.port}"])
         log = open(self.stack.runtime_dir / f"{self.command}-{self.port}.log", "ab")  # noqa: SIM115
         self.stack.logs.append(Path(log.name))
-        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCH, self.command, *where, "--runtime-dir",
+        self.proc = subprocess.Popen([*COSY, self.command, *where, "--runtime-dir",
                                       str(self.stack.runtime_dir), *self.args],
                                      env=self.stack.env, stdout=log, stderr=subprocess.STDOUT)
         self.stack.procs.append(self.proc)  # the stack stops it too, whatever happens
@@ -587,7 +581,7 @@ def test_api_key_is_checked(bare_stack: Stack) -> None:
 def test_non_loopback_without_api_key_is_refused(bare_stack: Stack) -> None:
     s = bare_stack
     s.runtime_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-c", LAUNCH, "http", "--host", "0.0.0.0", "--port", str(free_port()),
+    proc = subprocess.run([*COSY, "http", "--host", "0.0.0.0", "--port", str(free_port()),
                            "--runtime-dir", str(s.runtime_dir)], env={**s.env, "COSY_API_KEY": ""},
                           capture_output=True, timeout=30)
     assert proc.returncode == 2

@@ -31,20 +31,8 @@ from cosy.cli.status import fetch_status
 WATCHDOG_USEC = 200_000
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}:\d{2}:\d{2}")
 
-# Runs `cosy` with the systemd command registered even before cli/main.py lists the module.
-CLI = """
-import sys
-from cosy.cli import main as m
-mod = "cosy.cli.systemd_cmd"
-if mod not in m.COMMAND_MODULES:
-    __import__(mod, fromlist=["register"]).register(m.app)
-sys.argv[0] = "cosy"
-m.main()
-"""
-
-
 def cosy_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "cosy", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from stack import Stack, transcribe, wait_for
-from test_http_gateway import FOX, FOX_WORDS, LAUNCH, TONE, TONE_RATE, ChunkObserver, GatewayProcess, free_port
+from test_http_gateway import COSY, FOX, FOX_WORDS, TONE, TONE_RATE, ChunkObserver, GatewayProcess, free_port
 
 pytest.importorskip("wyoming")
 
@@ -229,7 +229,7 @@ def test_metrics_port_then_a_clean_stop_and_no_public_address_without_allow_remo
 
     wait_for(broker_up, 15, "the wyoming gateway's metrics to show the broker")
     assert gw.stop() == 0
-    refused = subprocess.run([sys.executable, "-c", LAUNCH, "wyoming", "--uri", f"tcp://0.0.0.0:{free_port()}",
+    refused = subprocess.run([*COSY, "wyoming", "--uri", f"tcp://0.0.0.0:{free_port()}",
                               "--runtime-dir", str(s.runtime_dir)], env=s.env, capture_output=True, timeout=30)
     assert refused.returncode == 2
     assert b"--allow-remote" in refused.stderr
