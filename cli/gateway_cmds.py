@@ -58,6 +58,8 @@ def http(
                                  help="Sample rate of response_format=pcm: 24000 (OpenAI's) or 'native'."),
     voice_alias: list[str] = typer.Option([], "--voice-alias",
                                           help="NAME=VOICE: answer requests for NAME (e.g. alloy) with VOICE."),
+    split: bool = typer.Option(True, "--split/--no-split",
+                               help="With 2+ workers, synthesize a long input as sentence jobs across them."),
     runtime_dir: Path | None = RuntimeDirOpt,
     connect: str | None = ConnectOpt,
     log_level: str = LogLevelOpt,
@@ -80,7 +82,7 @@ def http(
         exits.fail(f"--pcm-rate must be a rate in Hz (8000-192000) or 'native', got {pcm_rate!r}", exits.USAGE)
     config = HttpConfig(host=host, port=port, api_key=api_key or None, timeout_s=timeout,
                         pcm_rate=None if pcm_rate == "native" else int(pcm_rate),
-                        voice_aliases=_pairs(voice_alias, "--voice-alias"))
+                        voice_aliases=_pairs(voice_alias, "--voice-alias"), split=split)
     raise typer.Exit(run_http(_endpoints(runtime_dir, connect), config, log_level))
 
 

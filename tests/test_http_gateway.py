@@ -28,6 +28,7 @@ from stack import Stack, transcribe, wait_for
 
 from cosy import protocol as P
 from cosy.endpoints import free_tcp_base
+from cosy.gateways.segments import split_text
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -406,6 +407,81 @@ def test_client_disconnect_cancels_the_job(served, observer: ChunkObserver) -> N
     assert after["counters"]["done"] == before["done"]
     assert observer.final(job) is None
     assert len(observer.chunks(job)) < 100
+
+
+FAST_TONE = {**TONE, "delay_ms": 20}  # 100 ms of audio every 20 ms: 5x real time
+LONG_TEXT = ("This first sentence starts the reply. " + " ".join(
+    f"Then sentence number {i} follows it, a little longer than the first one was." for i in range(8)))
+
+
+def test_split_text_keeps_every_word_in_order() -> None:
+    parts = split_text(LONG_TEXT, max_chars=200)
+    assert parts[0] == "This first sentence starts the reply."
+    assert " ".join(parts) == LONG_TEXT
+    assert len(parts) >= 3 and all(len(p) <= 200 for p in parts[1:])
+    assert split_text("Dr. Smith came home. He slept.") == ["Dr. Smith came home. He slept."]  # no "Dr." alone
+    assert split_text("  One sentence  ") == ["One sentence"]
+
+
+def test_a_long_input_is_sentence_jobs_across_workers_streamed_in_order(bare_stack: Stack) -> None:
+    """Two workers: the sentences synthesize on both, and the reply is exactly their audio, in order."""
+    from cosy.workers.engines import SynthesisRequest
+    from cosy.workers.engines.tone import ToneEngine
+
+    s = bare_stack
+    s.start_broker()
+    for name in ("tone-a", "tone-b"):
+        s.start_worker("tone", name=name, options=FAST_TONE)
+    gw = GatewayProcess(s, "http", ["--pcm-rate", "native"]).start()
+    wait_for(lambda: curl(f"{gw.url}/readyz").stdout.startswith(b'{"ready":true'), 20, "the gateway ready")
+    status, _, body = speech_curl(gw, {"model": "tts-1", "input": LONG_TEXT, "voice": "tone",
+                                       "response_format": "pcm"})
+    assert status == 200, body[:300]
+    engine = ToneEngine(**FAST_TONE)
+    parts = split_text(LONG_TEXT)
+    assert len(parts) >= 2
+    expected = np.concatenate([np.concatenate(list(engine.synthesize(SynthesisRequest(p, "tone")))) for p in parts])
+    got = np.frombuffer(body, dtype="<i2")
+    assert len(got) == len(expected) and np.array_equal(got, expected)
+    done = {w["name"]: w["jobs_done"] for w in s.status()["workers"]}
+    assert done["tone-a"] >= 1 and done["tone-b"] >= 1, done
+    assert sum(done.values()) == len(parts)
+
+
+def test_a_failed_sentence_ends_the_reply_short_and_cancels_the_rest(bare_stack: Stack) -> None:
+    """A sentence that fails after audio went out cannot be taken back: the response is cut off (never a
+    complete-looking reply with a hole in it), and the sentences after it are not synthesized."""
+    s = bare_stack
+    s.start_broker()
+    for name in ("tone-a", "tone-b"):
+        s.start_worker("tone", name=name, options={**FAST_TONE, "fail_on": "BROKEN"})
+    gw = GatewayProcess(s, "http", ["--pcm-rate", "native"]).start()
+    wait_for(lambda: curl(f"{gw.url}/readyz").stdout.startswith(b'{"ready":true'), 20, "the gateway ready")
+    text = LONG_TEXT.replace("number 1 ", "number 1 BROKEN ")
+    out = curl("-H", "Content-Type: application/json", "-d",
+               json.dumps({"model": "tts-1", "input": text, "voice": "tone", "response_format": "pcm"}),
+               f"{gw.url}/v1/audio/speech")
+    full = int(len(text) * FAST_TONE["ms_per_char"] / 1000 * 22050) * 2
+    assert out.returncode != 0 and 0 < len(out.stdout) < full  # cut off: curl reports the broken transfer
+    done = sum(w["jobs_done"] for w in s.status()["workers"])
+    assert done < len(split_text(text))  # what came after the failed sentence was cancelled or never sent
+    status, _, body = speech_curl(gw, {"model": "tts-1", "input": "And the gateway still serves.", "voice": "tone",
+                                       "response_format": "pcm"})
+    assert status == 200 and len(body) > 0
+
+
+def test_split_is_off_with_no_split(bare_stack: Stack) -> None:
+    s = bare_stack
+    s.start_broker()
+    for name in ("tone-a", "tone-b"):
+        s.start_worker("tone", name=name, options=FAST_TONE)
+    gw = GatewayProcess(s, "http", ["--pcm-rate", "native", "--no-split"]).start()
+    wait_for(lambda: curl(f"{gw.url}/readyz").stdout.startswith(b'{"ready":true'), 20, "the gateway ready")
+    status, _, body = speech_curl(gw, {"model": "tts-1", "input": LONG_TEXT, "voice": "tone",
+                                       "response_format": "pcm"})
+    assert status == 200
+    assert sum(w["jobs_done"] for w in s.status()["workers"]) == 1
+    assert len(body) // 2 == int(len(LONG_TEXT) * TONE["ms_per_char"] / 1000 * 22050)
 
 
 def test_gateway_without_workers_is_not_ready(bare_stack: Stack) -> None:

@@ -34,6 +34,7 @@ from cosy.client import (
     Rejected,
 )
 from cosy.endpoints import Endpoints
+from cosy.gateways.segments import SegmentedJob
 
 log = logging.getLogger("cosy.gateway")
 
@@ -131,8 +132,11 @@ class BrokerBridge:
         self._call(lambda: self._do_submit(handle))
         return handle
 
-    def cancel(self, handle: JobHandle) -> None:
+    def cancel(self, handle: JobHandle | SegmentedJob) -> None:
         """Cancel a job that has not finished (a client went away). Safe to call twice."""
+        if isinstance(handle, SegmentedJob):
+            handle.cancel()  # its parts come back here
+            return
         if handle.finished or self._stop.is_set():
             return
         handle.finished = True

@@ -38,6 +38,7 @@ from cosy.client import Audio, BrokerRestarted, Completed, Failed, JobSpec, Reje
 from cosy.endpoints import Endpoints
 from cosy.gateways.bridge import BrokerBridge, GatewayError, JobHandle
 from cosy.gateways.encode import FORMATS, OPENAI_PCM_RATE, StreamEncoder, available_formats, make_encoder
+from cosy.gateways.segments import SegmentedJob, split_text, start_segmented
 from cosy.metrics import GatewayMetrics
 
 log = logging.getLogger("cosy.http")
@@ -58,6 +59,7 @@ class HttpConfig:
     retry_after_s: int = 2
     priority: str = P.INTERACTIVE
     voice_aliases: dict[str, str] = field(default_factory=dict)
+    split: bool = True  # long texts as sentence jobs across the workers (cosy/gateways/segments.py)
 
 
 class ApiError(Exception):
@@ -290,7 +292,7 @@ class HttpGateway:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
 
-    async def _submit(self, req: SpeechRequest) -> JobHandle:
+    async def _submit(self, req: SpeechRequest) -> JobHandle | SegmentedJob:
         retry = self.config.retry_after_s
         try:
             snap = await self.bridge.status()
@@ -302,6 +304,11 @@ class HttpGateway:
         voice = self.config.voice_aliases.get(req.voice, req.voice) if req.voice else None
         spec = JobSpec(text=req.text, voice=voice, speed=req.speed, priority=self.config.priority)
         spec.job = f"http-{spec.job}"
+        parts = split_text(req.text) if self.config.split and len(snap.workers) > 1 else []
+        if len(parts) > 1:
+            specs = [JobSpec(text=t, voice=voice, speed=req.speed, priority=self.config.priority, job=f"{spec.job}-{i}")
+                     for i, t in enumerate(parts)]
+            return start_segmented(spec.job, specs, self.bridge.submit, self.bridge.cancel, len(snap.workers))
         try:
             return self.bridge.submit(spec)
         except GatewayError as exc:

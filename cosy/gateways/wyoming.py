@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +33,7 @@ from cosy import protocol as P
 from cosy.client import Audio, Completed, Failed, JobSpec, Rejected
 from cosy.endpoints import Endpoints
 from cosy.gateways.bridge import BrokerBridge, GatewayError, JobHandle
+from cosy.gateways.segments import SENTENCE_END
 from cosy.metrics import GatewayMetrics
 
 log = logging.getLogger("cosy.wyoming")
@@ -42,8 +42,6 @@ API = "wyoming"
 ATTRIBUTION = Attribution(name="cosy", url="https://github.com/")
 SAMPLE_WIDTH = 2
 CHANNELS = 1
-# A sentence ends at . ! ? (and their CJK forms) plus any closing quotes or brackets, then space.
-SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*\s+")
 
 
 @dataclass

@@ -1,0 +1,170 @@
+"""One long request as sentence jobs across the workers, streamed back as one job, in order.
+
+A long text sent as one job runs on one worker, at that worker's speed: with CosyVoice on its eager
+path (real-time factor about 2 on an H100, docs/performance.md) a listener would hear gaps. Split into
+sentence jobs, the next sentences synthesize on other workers while the first one plays. The split:
+
+- the first segment is the first sentence alone (its audio starts the response);
+- later segments are whole sentences grouped up to ``max_chars``;
+- at most one segment per connected worker is in flight, and the next one is submitted when the
+  previous one's first audio arrived, so the first sentence does not share a worker with the second
+  while another worker is free. With one worker there is nothing to gain (one job already streams
+  sentence by sentence, the next synthesized while the last plays), so the gateway does not split.
+
+:class:`SegmentedJob` looks like a :class:`~cosy.gateways.bridge.JobHandle` to the gateways: one
+queue of events (Audio in order, then one Completed, or one Failed/Rejected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cosy import protocol as P
+from cosy.client import Audio, BrokerRestarted, Completed, Event, Failed, JobSpec, Rejected
+
+# A sentence ends at . ! ? … (and their CJK forms) plus any closing quotes or brackets, then space; or at a
+# blank line. Shared with the Wyoming gateway's streaming splitter.
+SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*\s+|\n\s*\n")
+MAX_SEGMENT_CHARS = 400
+MIN_SENTENCE_CHARS = 16  # shorter pieces ("Dr.", "e.g.", "No.") join the next one instead of ending a segment
+
+
+def split_text(text: str, max_chars: int = MAX_SEGMENT_CHARS) -> list[str]:
+    """Whole sentences in order: the first alone, the rest grouped up to max_chars. Nothing is dropped:
+    joining the segments with single spaces gives the text with its runs of whitespace between sentences
+    collapsed."""
+    pieces, pos = [], 0
+    for match in SENTENCE_END.finditer(text):
+        pieces.append(text[pos:match.end()])
+        pos = match.end()
+    pieces.append(text[pos:])
+    sentences: list[str] = []
+    carry = ""
+    for piece in pieces:
+        piece = f"{carry} {piece.strip()}".strip() if carry else piece.strip()
+        if len(piece) < MIN_SENTENCE_CHARS:
+            carry = piece
+            continue
+        sentences.append(piece)
+        carry = ""
+    if carry:
+        if sentences:
+            sentences[-1] = f"{sentences[-1]} {carry}"
+        else:
+            sentences.append(carry)
+    if len(sentences) <= 1:
+        return [text.strip()] if text.strip() else []
+    segments = [sentences[0]]
+    current = ""
+    for sentence in sentences[1:]:
+        if current and len(current) + 1 + len(sentence) > max_chars:
+            segments.append(current)
+            current = sentence
+        else:
+            current = f"{current} {sentence}" if current else sentence
+    if current:
+        segments.append(current)
+    return segments
+
+
+@dataclass(eq=False)
+class SegmentedJob:
+    """Several jobs streamed as one. Create with :func:`start_segmented`; cancel with :meth:`cancel`."""
+
+    job: str
+    parts: list[JobSpec]
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    finished: bool = False
+    handles: list = field(default_factory=list)  # JobHandles of the parts submitted so far
+    task: asyncio.Task | None = None
+    cancel_part: Callable[[object], None] | None = None
+
+    def cancel(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.task is not None:
+            self.task.cancel()
+        if self.cancel_part is not None:
+            for handle in self.handles:
+                self.cancel_part(handle)
+
+
+def start_segmented(job: str, specs: list[JobSpec], submit: Callable[[JobSpec], object],
+                    cancel: Callable[[object], None], window: int) -> SegmentedJob:
+    """Submit the parts (``submit`` returns a JobHandle) at most ``window`` ahead, and merge their events."""
+    seg = SegmentedJob(job, specs, cancel_part=cancel)
+    seg.task = asyncio.get_running_loop().create_task(_merge(seg, submit, max(1, window)))
+    return seg
+
+
+async def _merge(seg: SegmentedJob, submit: Callable[[JobSpec], object], window: int) -> None:
+    out = seg.events
+    datas: list[bytes] = []
+    dones: list[P.JobDone] = []
+    replayed = 0
+    restarted = False
+
+    def submit_upto(n: int) -> bool:
+        try:
+            while len(seg.handles) < min(n, len(seg.parts)):
+                seg.handles.append(submit(seg.parts[len(seg.handles)]))
+        except RuntimeError as exc:  # the gateway is stopping
+            fail(P.SHUTTING_DOWN, str(exc))
+            return False
+        return True
+
+    def fail(code: str, message: str, rejected: Rejected | None = None) -> None:
+        seg.finished = True
+        for handle in seg.handles:  # the bridge ignores the parts that already ended
+            seg.cancel_part(handle)  # type: ignore[misc]
+        out.put_nowait(Rejected(seg.job, code, message, rejected.voices) if rejected
+                       else Failed(seg.job, code, message))
+
+    if not submit_upto(1):
+        return
+    for i in range(len(seg.parts)):
+        handle = seg.handles[i]
+        emitted = False
+        while True:
+            ev = await handle.events.get()
+            if isinstance(ev, Audio):
+                if dones and ev.sample_rate != dones[0].sample_rate:
+                    fail(P.ENGINE_ERROR, f"sentence {i + 1} came at {ev.sample_rate} Hz, the first at "
+                                         f"{dones[0].sample_rate} Hz: serve this voice from one kind of worker")
+                    return
+                if not emitted and not submit_upto(i + window):  # this part sounds: start the next ones
+                    return
+                # A part's first audio starts the merged stream only once; a new attempt after some of
+                # this part's audio went out is a real restart, which the gateway cannot take back.
+                restart = ev.restart and (emitted or i == 0)
+                emitted = True
+                out.put_nowait(Audio(seg.job, ev.run, ev.attempt, ev.data, ev.sample_rate, restart))
+            elif isinstance(ev, Completed):
+                datas.append(ev.data)
+                dones.append(ev.done)
+                replayed += ev.replayed
+                if not submit_upto(i + 1 + window):
+                    return
+                break
+            elif isinstance(ev, Failed):
+                fail(ev.code, f"sentence {i + 1} of {len(seg.parts)}: {ev.message}")
+                return
+            elif isinstance(ev, Rejected):
+                fail(ev.code, ev.message, rejected=ev)
+                return
+            elif isinstance(ev, BrokerRestarted) and not restarted:
+                restarted = True
+                out.put_nowait(ev)
+    seg.finished = True
+    data = b"".join(datas)
+    first, rate = dones[0], dones[0].sample_rate
+    seconds = len(data) / 2 / rate if rate else 0.0
+    compute = sum(d.rtf * d.samples / d.sample_rate for d in dones if d.sample_rate)
+    workers = ",".join(dict.fromkeys(d.worker for d in dones))
+    done = P.JobDone(seg.job, first.run, max(d.attempt for d in dones), sum(d.chunks for d in dones),
+                     len(data) // 2, rate, first.ttfc_ms, round(compute / seconds, 5) if seconds else 0.0, workers)
+    out.put_nowait(Completed(seg.job, data, rate, done, replayed))
