@@ -41,6 +41,8 @@ class BrokerUnreachable(ConnectionError):
 
 @dataclass
 class JobSpec:
+    """What to synthesize; the job id defaults to a fresh random one."""
+
     text: str
     voice: str | None = None
     speed: float = 1.0
@@ -54,12 +56,16 @@ class JobSpec:
 
 @dataclass
 class Accepted:
+    """The broker queued the job."""
+
     job: str
     queued: int
 
 
 @dataclass
 class Rejected:
+    """The broker refused the job (bad input, unknown voice, full queue...)."""
+
     job: str
     code: str
     message: str
@@ -68,6 +74,8 @@ class Rejected:
 
 @dataclass
 class Started:
+    """An attempt of the job started on a worker (attempt > 1: a worker was lost)."""
+
     job: str
     run: str
     attempt: int
@@ -119,6 +127,8 @@ class Completed:
 
 @dataclass
 class Failed:
+    """The job failed for good (engine error, workers lost, incomplete audio...)."""
+
     job: str
     code: str
     message: str
@@ -126,6 +136,8 @@ class Failed:
 
 @dataclass
 class BrokerRestarted:
+    """The broker restarted; the client resubmitted its unfinished jobs."""
+
     epoch: str
     resubmitted: int
 
@@ -138,6 +150,8 @@ Event = Accepted | Rejected | Started | Audio | Completed | Failed | BrokerResta
 
 @dataclass
 class RunAssembly:
+    """The chunks of one run (attempt) as they arrive, by sequence number."""
+
     run: str
     attempt: int
     sample_rate: int = 0
@@ -165,6 +179,8 @@ class RunAssembly:
 
 @dataclass
 class JobState:
+    """The client's view of one job: its spec, its runs, and the broker's DONE once it came."""
+
     spec: JobSpec
     accepted: bool = False
     run: str = ""  # the run currently streaming (latest STARTED or first chunk seen)

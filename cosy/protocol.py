@@ -166,6 +166,8 @@ M = TypeVar("M", bound="Message")
 
 @dataclass(frozen=True)
 class Message:
+    """A control message: frames [PROTO, TYPE, msgpack map of the fields] (PROTOCOL.md)."""
+
     TYPE: ClassVar[bytes] = b""
 
     def to_frames(self) -> list[bytes]:
@@ -186,6 +188,8 @@ class Message:
 
 @dataclass(frozen=True)
 class Submit(Message):
+    """Client -> broker: synthesize `text`; the job id is the client's, resubmission is idempotent."""
+
     TYPE: ClassVar[bytes] = b"SUBMIT"
     job: str
     text: str
@@ -210,6 +214,8 @@ class Submit(Message):
 
 @dataclass(frozen=True)
 class Cancel(Message):
+    """Client -> broker: drop a queued job or stop a running one."""
+
     TYPE: ClassVar[bytes] = b"CANCEL"
     job: str
     client: str
@@ -220,6 +226,8 @@ class Cancel(Message):
 
 @dataclass(frozen=True)
 class StatusRequest(Message):
+    """Client -> broker: ask for the broker's status (answered with STATUS_REPLY)."""
+
     TYPE: ClassVar[bytes] = b"STATUS"
 
 
@@ -251,6 +259,8 @@ class Replay(Message):
 
 @dataclass(frozen=True)
 class Accepted(Message):
+    """Broker -> client: the job is queued (`queued` jobs ahead of it); `epoch` names this broker run."""
+
     TYPE: ClassVar[bytes] = b"ACCEPTED"
     job: str
     epoch: str
@@ -259,6 +269,8 @@ class Accepted(Message):
 
 @dataclass(frozen=True)
 class Rejected(Message):
+    """Broker -> client: the job was refused (`code`); for UNKNOWN_VOICE, `voices` lists those served."""
+
     TYPE: ClassVar[bytes] = b"REJECTED"
     job: str
     code: str
@@ -268,6 +280,8 @@ class Rejected(Message):
 
 @dataclass(frozen=True)
 class Started(Message):
+    """Broker -> client: attempt `attempt` of the job runs as `run` on `worker`."""
+
     TYPE: ClassVar[bytes] = b"STARTED"
     job: str
     run: str
@@ -306,12 +320,16 @@ class JobFailed(Message):
 
 @dataclass(frozen=True)
 class StatusReply(Message):
+    """Broker -> client: the status map (workers, queue, counters; see `cosy status --json`)."""
+
     TYPE: ClassVar[bytes] = b"STATUS_REPLY"
     status: dict
 
 
 @dataclass(frozen=True)
 class Pong(Message):
+    """Broker -> client: the answer to PING, with the broker's epoch."""
+
     TYPE: ClassVar[bytes] = b"PONG"
     epoch: str
 
@@ -328,6 +346,8 @@ class ReplayChunk(Message):
 
 @dataclass(frozen=True)
 class Ready(Message):
+    """Worker -> broker: registration (engine, voices, capacity...); `update` re-announces voices."""
+
     TYPE: ClassVar[bytes] = b"READY"
     worker: str
     engine: str
@@ -364,6 +384,8 @@ class Heartbeat(Message):
 
 @dataclass(frozen=True)
 class Job(Message):
+    """Broker -> worker: run attempt `attempt` of a job as `run`."""
+
     TYPE: ClassVar[bytes] = b"JOB"
     job: str
     run: str
@@ -376,6 +398,8 @@ class Job(Message):
 
 @dataclass(frozen=True)
 class CancelRun(Message):
+    """Broker -> worker: stop the run (the client cancelled or went away)."""
+
     TYPE: ClassVar[bytes] = b"CANCEL"
     job: str
     run: str
@@ -427,6 +451,8 @@ def decode(frames: list[bytes], table: dict[bytes, type[Message]]) -> Message:
 
 @dataclass(frozen=True)
 class ChunkHeader:
+    """The header frame of an audio chunk: [topic, HEADER, PCM] on the audio sockets."""
+
     job: str
     run: str
     attempt: int
