@@ -26,25 +26,46 @@ from cosy import protocol as P
 from cosy.client import Audio, BrokerRestarted, Completed, Event, Failed, JobSpec, Rejected
 
 # A sentence ends at . ! ? … (and their CJK forms) plus any closing quotes or brackets, then space; or at a
-# blank line. Shared with the Wyoming gateway's streaming splitter.
+# blank line.
 SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*\s+|\n\s*\n")
 MAX_SEGMENT_CHARS = 400
 MIN_SENTENCE_CHARS = 16  # shorter pieces ("Dr.", "e.g.", "No.") join the next one instead of ending a segment
+
+
+class SentenceSplitter:
+    """Cuts streamed text into sentences as soon as each one is complete (the Wyoming gateway's streaming
+    input); :func:`split_text` cuts a whole text with it."""
+
+    def __init__(self) -> None:
+        self._buffer = ""
+
+    def add(self, text: str) -> list[str]:
+        self._buffer += text
+        out: list[str] = []
+        while True:
+            match = SENTENCE_END.search(self._buffer)
+            if match is None:
+                return out
+            sentence = self._buffer[:match.end()].strip()
+            self._buffer = self._buffer[match.end():]
+            if sentence:
+                out.append(sentence)
+
+    def finish(self) -> str:
+        rest, self._buffer = self._buffer.strip(), ""
+        return rest
 
 
 def split_text(text: str, max_chars: int = MAX_SEGMENT_CHARS) -> list[str]:
     """Whole sentences in order: the first alone, the rest grouped up to max_chars. Nothing is dropped:
     joining the segments with single spaces gives the text with its runs of whitespace between sentences
     collapsed."""
-    pieces, pos = [], 0
-    for match in SENTENCE_END.finditer(text):
-        pieces.append(text[pos:match.end()])
-        pos = match.end()
-    pieces.append(text[pos:])
+    splitter = SentenceSplitter()
+    pieces = [*splitter.add(text), splitter.finish()]
     sentences: list[str] = []
     carry = ""
     for piece in pieces:
-        piece = f"{carry} {piece.strip()}".strip() if carry else piece.strip()
+        piece = f"{carry} {piece}".strip() if carry else piece
         if len(piece) < MIN_SENTENCE_CHARS:
             carry = piece
             continue

@@ -33,7 +33,7 @@ from cosy import protocol as P
 from cosy.client import Audio, Completed, Failed, JobSpec, Rejected
 from cosy.endpoints import Endpoints
 from cosy.gateways.bridge import BrokerBridge, GatewayError, JobHandle
-from cosy.gateways.segments import SENTENCE_END
+from cosy.gateways.segments import SentenceSplitter
 from cosy.metrics import GatewayMetrics
 
 log = logging.getLogger("cosy.wyoming")
@@ -62,29 +62,6 @@ def parse_uri(uri: str) -> tuple[str | None, int | None]:
     if parsed.scheme in ("unix", "stdio"):
         return None, None
     raise ValueError(f"--uri must be tcp://HOST:PORT, unix://PATH or stdio://, got {uri!r}")
-
-
-class SentenceSplitter:
-    """Cuts streamed text into sentences as soon as each one is complete."""
-
-    def __init__(self) -> None:
-        self._buffer = ""
-
-    def add(self, text: str) -> list[str]:
-        self._buffer += text
-        out: list[str] = []
-        while True:
-            match = SENTENCE_END.search(self._buffer)
-            if match is None:
-                return out
-            sentence = self._buffer[:match.end()].strip()
-            self._buffer = self._buffer[match.end():]
-            if sentence:
-                out.append(sentence)
-
-    def finish(self) -> str:
-        rest, self._buffer = self._buffer.strip(), ""
-        return rest
 
 
 class SpeakError(Exception):
