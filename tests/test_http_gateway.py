@@ -82,6 +82,11 @@ class GatewayProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def wait_ready(self) -> GatewayProcess:
+        """`cosy http`: until /readyz says the broker and its workers are there."""
+        wait_for(lambda: curl(f"{self.url}/readyz").stdout.startswith(b'{"ready":true'), 20, "the gateway ready")
+        return self
+
     def stop(self) -> int | None:
         if self.proc is None:
             return None
@@ -93,6 +98,22 @@ class GatewayProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+Workers = dict[str, tuple[str, dict | None]]  # worker name -> (engine, options)
+PIPER_AND_TONE: Workers = {"piper-0": ("piper", None), "tone-0": ("tone", TONE)}
+
+
+def two_tones(options: dict) -> Workers:
+    return {name: ("tone", options) for name in ("tone-a", "tone-b")}
+
+
+def gateway_with_workers(s: Stack, command: str, workers: Workers, args: list[str] | None = None) -> GatewayProcess:
+    """A broker, these workers and a gateway (`http` or `wyoming`), in stack s."""
+    s.start_broker()
+    for name, (engine, options) in workers.items():
+        s.start_worker(engine, name=name, options=options)
+    return GatewayProcess(s, command, args or []).start()
 
 
 class ChunkObserver:
@@ -192,11 +213,7 @@ def served() -> Iterator[tuple[Stack, GatewayProcess]]:
     """A broker with a Piper worker (voice joe) and a slow tone worker (voice tone), and `cosy http`."""
     s = Stack()
     try:
-        s.start_broker()
-        s.start_worker("piper", name="piper-0")
-        s.start_worker("tone", name="tone-0", options=TONE)
-        gw = GatewayProcess(s, "http", []).start()
-        wait_for(lambda: curl(f"{gw.url}/readyz").stdout.startswith(b'{"ready":true'), 20, "the gateway ready")
+        gw = gateway_with_workers(s, "http", PIPER_AND_TONE).wait_ready()
         yield s, gw
     finally:
         s.stop()
@@ -429,11 +446,7 @@ def test_a_long_input_is_sentence_jobs_across_workers_streamed_in_order(bare_sta
     from cosy.workers.engines.tone import ToneEngine
 
     s = bare_stack
-    s.start_broker()
-    for name in ("tone-a", "tone-b"):
-        s.start_worker("tone", name=name, options=FAST_TONE)
-    gw = GatewayProcess(s, "http", ["--pcm-rate", "native"]).start()
-    wait_for(lambda: curl(f"{gw.url}/readyz").stdout.startswith(b'{"ready":true'), 20, "the gateway ready")
+    gw = gateway_with_workers(s, "http", two_tones(FAST_TONE), ["--pcm-rate", "native"]).wait_ready()
     status, _, body = speech_curl(gw, {"model": "tts-1", "input": LONG_TEXT, "voice": "tone",
                                        "response_format": "pcm"})
     assert status == 200, body[:300]
@@ -452,11 +465,8 @@ def test_a_failed_sentence_ends_the_reply_short_and_cancels_the_rest(bare_stack:
     """A sentence that fails after audio went out cannot be taken back: the response is cut off (never a
     complete-looking reply with a hole in it), and the sentences after it are not synthesized."""
     s = bare_stack
-    s.start_broker()
-    for name in ("tone-a", "tone-b"):
-        s.start_worker("tone", name=name, options={**FAST_TONE, "fail_on": "BROKEN"})
-    gw = GatewayProcess(s, "http", ["--pcm-rate", "native"]).start()
-    wait_for(lambda: curl(f"{gw.url}/readyz").stdout.startswith(b'{"ready":true'), 20, "the gateway ready")
+    gw = gateway_with_workers(s, "http", two_tones({**FAST_TONE, "fail_on": "BROKEN"}),
+                              ["--pcm-rate", "native"]).wait_ready()
     text = LONG_TEXT.replace("number 1 ", "number 1 BROKEN ")
     out = curl("-H", "Content-Type: application/json", "-d",
                json.dumps({"model": "tts-1", "input": text, "voice": "tone", "response_format": "pcm"}),
@@ -472,11 +482,7 @@ def test_a_failed_sentence_ends_the_reply_short_and_cancels_the_rest(bare_stack:
 
 def test_split_is_off_with_no_split(bare_stack: Stack) -> None:
     s = bare_stack
-    s.start_broker()
-    for name in ("tone-a", "tone-b"):
-        s.start_worker("tone", name=name, options=FAST_TONE)
-    gw = GatewayProcess(s, "http", ["--pcm-rate", "native", "--no-split"]).start()
-    wait_for(lambda: curl(f"{gw.url}/readyz").stdout.startswith(b'{"ready":true'), 20, "the gateway ready")
+    gw = gateway_with_workers(s, "http", two_tones(FAST_TONE), ["--pcm-rate", "native", "--no-split"]).wait_ready()
     status, _, body = speech_curl(gw, {"model": "tts-1", "input": LONG_TEXT, "voice": "tone",
                                        "response_format": "pcm"})
     assert status == 200

@@ -15,7 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from stack import Stack, transcribe, wait_for
-from test_http_gateway import COSY, FOX, FOX_WORDS, TONE, TONE_RATE, ChunkObserver, GatewayProcess, free_port
+from test_http_gateway import (
+    COSY,
+    FOX,
+    FOX_WORDS,
+    PIPER_AND_TONE,
+    TONE_RATE,
+    ChunkObserver,
+    GatewayProcess,
+    free_port,
+    gateway_with_workers,
+)
 
 pytest.importorskip("wyoming")
 
@@ -77,10 +87,7 @@ def run(coro):
 def served() -> Iterator[tuple[Stack, GatewayProcess]]:
     s = Stack()
     try:
-        s.start_broker()
-        s.start_worker("piper", name="piper-0")
-        s.start_worker("tone", name="tone-0", options=TONE)
-        gw = GatewayProcess(s, "wyoming", []).start()
+        gw = gateway_with_workers(s, "wyoming", PIPER_AND_TONE)
         yield s, gw
     finally:
         s.stop()
