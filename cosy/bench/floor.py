@@ -72,6 +72,28 @@ def _subs(xpub: zmq.Socket, subscribed: set[bytes]) -> None:
             subscribed.discard(msg[1:])
 
 
+def _take_jobs(front: zmq.Socket, pending: deque[tuple[bytes, bytes]]) -> None:
+    """Queue every (client, job) waiting on the front ROUTER."""
+    while True:
+        try:
+            cid, job = front.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        pending.append((cid, job))
+
+
+def _subscribed_jobs(pending: deque[tuple[bytes, bytes]], subscribed: set[bytes]) -> list[tuple[bytes, bytes]]:
+    """Take the pending jobs whose client has subscribed to their topic; the others keep waiting, in order."""
+    ready = []
+    for _ in range(len(pending)):
+        cid, job = pending.popleft()
+        if job + b"\0" in subscribed:
+            ready.append((cid, job))
+        else:
+            pending.append((cid, job))
+    return ready
+
+
 def direct(d: str, chunks: int, nbytes: int, stop: list[bool]) -> None:
     ctx = zmq.Context.instance()
     front = _sock(ctx, zmq.ROUTER, _ep(d, "front"), True)
@@ -87,17 +109,8 @@ def direct(d: str, chunks: int, nbytes: int, stop: list[bool]) -> None:
         if audio in events:
             _subs(audio, subscribed)
         if front in events:
-            while True:
-                try:
-                    cid, job = front.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                pending.append((cid, job))
-        for _ in range(len(pending)):
-            cid, job = pending.popleft()
-            if job + b"\0" not in subscribed:
-                pending.append((cid, job))
-                continue
+            _take_jobs(front, pending)
+        for cid, job in _subscribed_jobs(pending, subscribed):
             publish_job(audio, job, chunks, pcm)
             front.send_multipart([cid, job, b"D"])
 
@@ -138,18 +151,9 @@ def relay(d: str, stop: list[bool]) -> None:
                 else:
                     front.send_multipart(frames[1:])
         if front in events:
-            while True:
-                try:
-                    cid, job = front.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                pending.append((cid, job))
+            _take_jobs(front, pending)
         if workers:
-            for _ in range(len(pending)):
-                cid, job = pending.popleft()
-                if job + b"\0" not in subscribed:
-                    pending.append((cid, job))
-                    continue
+            for cid, job in _subscribed_jobs(pending, subscribed):
                 workers.rotate(1)
                 back.send_multipart([workers[0], cid, job])
 
