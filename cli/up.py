@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from cosy.cli import exits
 from cosy.endpoints import Endpoints, ensure_runtime_dir
+from cosy.processes import stop_all
 
 STOP_TIMEOUT_S = 10.0
 
@@ -67,18 +68,7 @@ def _devices(engine: str, workers: int | None) -> list[str | None]:
 
 
 def _stop(children: list[Child]) -> None:
-    for c in children:
-        if c.alive:
-            c.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for c in children:
-        if c.proc is None:
-            continue
-        try:
-            c.proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            c.proc.kill()
-            c.proc.wait()
+    stop_all([c.proc for c in children], STOP_TIMEOUT_S)
 
 
 def run_up(eps: Endpoints, engine: str, workers: int | None, options: dict[str, str], heartbeat_ms: int,

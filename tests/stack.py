@@ -13,13 +13,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cosy.polling import wait_for
+from cosy.processes import stop_all
 
 HEARTBEAT_MS = 200  # fast failure detection in tests: a dead worker is noticed in ~0.6 s
 
@@ -86,16 +86,7 @@ class Stack:
             proc.wait(10)
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(self.procs[::-1], 5)  # the last started (clients, gateways, workers) first
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def log_text(self) -> str:

@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cosy.polling import wait_for  # noqa: F401 - re-exported for the suites (C.wait_for)
+from cosy.processes import stop_all
 
 TONE_FAST = {"first_delay_ms": 0, "delay_ms": 0, "chunk_ms": 100, "ms_per_char": 20}
 
@@ -69,16 +69,7 @@ class Procs:
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for p in self.procs:
-            try:
-                p.wait(max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs[::-1], 5)  # workers before the broker
         self.procs.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
