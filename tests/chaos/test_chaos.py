@@ -34,6 +34,13 @@ def lines(n: int) -> list[str]:
     return [f"chaos line {i} " + "z" * (i % 37) for i in range(1, n + 1)]
 
 
+def lines_file(folder: Path, texts: list[str]) -> Path:
+    """The batch input: one text per line."""
+    path = folder / "lines.txt"
+    path.write_text("\n".join(texts) + "\n")
+    return path
+
+
 def check_outputs(outdir: Path, texts: list[str]) -> None:
     records = [json.loads(r) for r in (outdir / "manifest.jsonl").read_text().splitlines()]
     ok = [r for r in records if "file" in r]
@@ -56,8 +63,7 @@ def test_twenty_random_worker_kills_during_a_200_line_batch(bare_stack: Stack, t
     for i in range(2):
         s.start_worker("tone", name=f"w{i}", options=slow)
     texts = lines(200)
-    source = tmp_path / "lines.txt"
-    source.write_text("\n".join(texts) + "\n")
+    source = lines_file(tmp_path, texts)
     outdir = tmp_path / "out"
     batch = s.cosy_background("batch", str(source), "--outdir", str(outdir), "--retries", "5")
     kills = 0
@@ -90,8 +96,7 @@ def test_broker_killed_twice_during_a_batch(bare_stack: Stack, tmp_path: Path) -
     for i in range(2):
         s.start_worker("tone", name=f"w{i}", options=TONE)
     texts = lines(150)
-    source = tmp_path / "lines.txt"
-    source.write_text("\n".join(texts) + "\n")
+    source = lines_file(tmp_path, texts)
     outdir = tmp_path / "out"
     batch = s.cosy_background("batch", str(source), "--outdir", str(outdir))
     manifest = outdir / "manifest.jsonl"
@@ -133,8 +138,7 @@ def test_stalled_subscriber_and_a_flood_do_not_stop_service(bare_stack: Stack, t
             # The queue holds 500 (a few more as the worker drains it); the rest is turned away, not buffered.
             assert answers["busy"] >= 2000, answers
             texts = lines(40)
-            source = tmp_path / "lines.txt"
-            source.write_text("\n".join(texts) + "\n")
+            source = lines_file(tmp_path, texts)
             outdir = tmp_path / "out"
             with Client(eps) as say:
                 say.connect()
