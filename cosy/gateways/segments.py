@@ -97,11 +97,11 @@ class SegmentedJob:
 
     job: str
     parts: list[JobSpec]
+    cancel_part: Callable[[object], None]  # the bridge's cancel, for one part's JobHandle
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     finished: bool = False
     handles: list = field(default_factory=list)  # JobHandles of the parts submitted so far
     task: asyncio.Task | None = None
-    cancel_part: Callable[[object], None] | None = None
 
     def cancel(self) -> None:
         if self.finished:
@@ -109,15 +109,14 @@ class SegmentedJob:
         self.finished = True
         if self.task is not None:
             self.task.cancel()
-        if self.cancel_part is not None:
-            for handle in self.handles:
-                self.cancel_part(handle)
+        for handle in self.handles:
+            self.cancel_part(handle)
 
 
 def start_segmented(job: str, specs: list[JobSpec], submit: Callable[[JobSpec], object],
                     cancel: Callable[[object], None], window: int) -> SegmentedJob:
     """Submit the parts (``submit`` returns a JobHandle) at most ``window`` ahead, and merge their events."""
-    seg = SegmentedJob(job, specs, cancel_part=cancel)
+    seg = SegmentedJob(job, specs, cancel)
     seg.task = asyncio.get_running_loop().create_task(_merge(seg, submit, max(1, window)))
     return seg
 
@@ -141,7 +140,7 @@ async def _merge(seg: SegmentedJob, submit: Callable[[JobSpec], object], window:
     def fail(code: str, message: str, rejected: Rejected | None = None) -> None:
         seg.finished = True
         for handle in seg.handles:  # the bridge ignores the parts that already ended
-            seg.cancel_part(handle)  # type: ignore[misc]
+            seg.cancel_part(handle)
         out.put_nowait(Rejected(seg.job, code, message, rejected.voices) if rejected
                        else Failed(seg.job, code, message))
 
