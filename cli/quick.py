@@ -41,6 +41,12 @@ SAY_DEFAULTS: dict[str, Any] = {
     "runtime_dir": None, "connect": None,
 }
 SAY_ENV = {"voice": "COSY_VOICE", "runtime_dir": "COSY_RUNTIME_DIR", "connect": "COSY_CONNECT"}
+PATH_PARAMS = {param for param, kind in SAY_OPTIONS.values() if kind == "path"}
+
+
+def _as_param(param: str, value: Any) -> Any:
+    """A value from the command line, the environment or the config file, as typer converts it."""
+    return Path(value) if param in PATH_PARAMS else value
 
 
 def parse_say(args: list[str], env: Mapping[str, str] | None = None,
@@ -85,14 +91,14 @@ def parse_say(args: list[str], env: Mapping[str, str] | None = None,
             except ValueError:
                 return None
         else:
-            given[param] = Path(value) if kind == "path" else value
+            given[param] = _as_param(param, value)
     out = dict(SAY_DEFAULTS)
     for param, default in (config or {}).items():
         if param in out:
-            out[param] = Path(default) if param == "runtime_dir" else default
+            out[param] = _as_param(param, default)
     for param, var in SAY_ENV.items():
         if env.get(var):
-            out[param] = Path(env[var]) if param == "runtime_dir" else env[var]
+            out[param] = _as_param(param, env[var])
     out.update(given)
     return out
 
