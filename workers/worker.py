@@ -11,7 +11,8 @@ Sockets:
                                    hop between a chunk and the wire.
   PULL    <- inproc, from the synthesis threads (each has its own PUSH): DONE / FAILED / cancelled
 
-Inference runs in threads so heartbeats keep flowing while the engine works.
+The engine runs jobs on threads of its own (``Engine.start`` returns at once; simple engines through
+``ThreadedEngine``), so heartbeats keep flowing while it works.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from cosy import sdnotify
 from cosy.endpoints import Endpoints
 from cosy.security import prepare_client
 from cosy.workers.engines import Engine, EngineError, SynthesisRequest
+from cosy.workers.engines.base import CollectingSink, as_engine
 from cosy.zmqio import send_frames
 
 log = logging.getLogger("cosy.worker")
@@ -70,7 +71,7 @@ class Worker:
     def __init__(self, engine: Engine, endpoints: Endpoints, name: str | None = None,
                  heartbeat_s: float = HEARTBEAT_S, liveness: int = LIVENESS,
                  ctx: zmq.Context | None = None, on_ready: callable | None = None, stall_s: float = STALL_S) -> None:
-        self.engine = engine
+        self.engine = as_engine(engine)
         self.endpoints = endpoints
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.heartbeat_s = heartbeat_s
@@ -90,7 +91,6 @@ class Worker:
         self._pushers_lock = threading.Lock()
         self._audio: zmq.Socket | None = None  # the XPUB, once the broker subscribed; guarded by _audio_lock
         self._audio_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=engine.capacity, thread_name_prefix="synth")
         self._voices = [v.name for v in engine.voices()]
         self._sample_width = 2
         self.epoch = ""
@@ -114,53 +114,18 @@ class Worker:
             if self._audio is not None:
                 send_frames(self._audio, parts)
 
-    def _synthesize(self, run: Run) -> None:
+    def _request(self, run: Run) -> SynthesisRequest:
         job = run.job
-        push = self._pusher()
-        topic = P.topic(job.job)
-        t0 = time.perf_counter()
-        ttfc = 0.0
-        seq = 0
-        samples = 0
-        rate = self.engine.sample_rate
+        return SynthesisRequest(text=job.text, voice=job.voice or self.engine.default_voice, speed=job.speed,
+                                job=job.job, instruct=job.instruct, run=job.run, cancelled=run.cancelled)
+
+    def _start(self, run: Run) -> None:
+        """Hand the run to the engine (which returns at once); its audio reaches the wire through a RunSink."""
+        sink = RunSink(self, run)
         try:
-            request = SynthesisRequest(text=job.text, voice=job.voice or self.engine.default_voice,
-                                       speed=job.speed, job=job.job, instruct=job.instruct,
-                                       cancelled=run.cancelled)
-            for audio in self.engine.synthesize(request):
-                if run.cancelled.is_set():
-                    break
-                pcm = _to_s16(audio)
-                if pcm.size == 0:
-                    continue
-                run.progress = time.monotonic()
-                if seq == 0:
-                    ttfc = (time.perf_counter() - t0) * 1000
-                header = P.ChunkHeader(job.job, job.run, job.attempt, seq, rate, "s16le", 1)
-                self._publish([topic, header.pack(), pcm])
-                seq += 1
-                samples += pcm.size
-            if run.cancelled.is_set():
-                push.send_multipart([b"X", job.run.encode()])
-                return
-            final = P.ChunkHeader(job.job, job.run, job.attempt, seq, rate, "s16le", 1, final=True,
-                                  total_chunks=seq + 1, total_samples=samples)
-            self._publish([topic, final.pack(), b""])
-            elapsed = time.perf_counter() - t0
-            rtf = elapsed / (samples / rate) if samples else 0.0
-            done = P.JobDone(job.job, job.run, job.attempt, seq + 1, samples, rate, round(ttfc, 3),
-                             round(rtf, 5), self.name)
-            push.send_multipart([b"D", *done.to_frames()])
-        except EngineError as exc:
-            log.warning("job %s failed: %s", job.job, exc)
-            failed = P.JobFailed(job.job, P.ENGINE_ERROR, str(exc), job.run, job.attempt, exc.retryable)
-            push.send_multipart([b"D", *failed.to_frames()])
-        except Exception as exc:  # an engine bug must not take the worker down
-            log.exception("job %s: engine raised", job.job)
-            oom = "out of memory" in str(exc).lower()
-            failed = P.JobFailed(job.job, P.ENGINE_ERROR, f"{exc.__class__.__name__}: {exc}", job.run,
-                                 job.attempt, retryable=oom)
-            push.send_multipart([b"D", *failed.to_frames()])
+            self.engine.start(self._request(run), sink)
+        except BaseException as exc:  # noqa: BLE001 - a refused start is the job's failure, not the worker's
+            sink.failed(exc)
 
     # --- socket side (main loop) --------------------------------------------------
 
@@ -178,11 +143,19 @@ class Worker:
                        default_voice=e.default_voice, sample_rate=e.sample_rate, device=e.device,
                        capacity=e.capacity, pid=os.getpid(), host=socket.gethostname())
 
-    def warm_up(self) -> None:
+    def warm_up(self, timeout: float = 600.0) -> None:
+        """One job through the engine before READY (an engine with a ``warm_up`` of its own does more: graph
+        capture, capacity measurement), so that the first user's job is not the slow one."""
         t0 = time.perf_counter()
-        for _ in self.engine.synthesize(SynthesisRequest("Hello.", self.engine.default_voice)):
-            pass
-        log.info("engine %s warm in %.2f s", self.engine.name, time.perf_counter() - t0)
+        own = getattr(self.engine, "warm_up", None)
+        if callable(own):
+            own()
+        else:
+            sink = CollectingSink()
+            self.engine.start(SynthesisRequest("Hello.", self.engine.default_voice, run="warm-up"), sink)
+            sink.wait(timeout)
+        log.info("engine %s warm in %.2f s (capacity %d)", self.engine.name, time.perf_counter() - t0,
+                 self.engine.capacity)
 
     def run(self, stop: threading.Event) -> None:
         pull = self.ctx.socket(zmq.PULL)
@@ -274,7 +247,6 @@ class Worker:
                 time.sleep(0.05)  # let libzmq hand DISCONNECT to the socket before it closes
         finally:
             sdnotify.notify("STOPPING=1")
-            self._pool.shutdown(wait=False, cancel_futures=True)
             with self._audio_lock:
                 self._audio = None
                 xpub.close(linger=0)
@@ -294,7 +266,7 @@ class Worker:
             job = run.job
             log.error("job %s (run %s): the engine produced nothing for %.0f s; failing it over and restarting "
                       "the worker", job.job, job.run, now - run.progress)
-            run.cancelled.set()
+            self._cancel(run)
             del self.runs[job.run]
             self.stats.failed += 1
             dealer.send_multipart(P.JobFailed(job.job, P.ENGINE_STALLED, f"the engine on {self.name} made no "
@@ -324,9 +296,16 @@ class Worker:
         if self.on_ready:
             self.on_ready()
 
+    def _cancel(self, run: Run) -> None:
+        run.cancelled.set()
+        try:
+            self.engine.cancel(run.job.run)
+        except Exception:  # noqa: BLE001 - the run is gone for the broker either way
+            log.exception("engine could not cancel run %s", run.job.run)
+
     def _cancel_all(self) -> None:
-        for run in self.runs.values():
-            run.cancelled.set()
+        for run in list(self.runs.values()):
+            self._cancel(run)
         self.runs.clear()
 
     def _handle(self, frames: list[bytes], dealer: zmq.Socket) -> str | None:
@@ -346,11 +325,11 @@ class Worker:
                 return None
             run = Run(msg)
             self.runs[msg.run] = run
-            self._pool.submit(self._synthesize, run)
+            self._start(run)
         elif isinstance(msg, P.CancelRun):
             run = self.runs.pop(msg.run, None)
             if run:
-                run.cancelled.set()
+                self._cancel(run)
         elif isinstance(msg, P.Reconnect):
             return "reconnect"
         return None
@@ -377,6 +356,75 @@ class Worker:
                 dealer.send_multipart(body)
             elif kind == b"X":
                 self.runs.pop(frames[1].bytes.decode(), None)
+
+
+class RunSink:
+    """One run's audio path, called by the engine's threads: chunks straight onto the XPUB, the outcome to the
+    main loop through this thread's PUSH socket."""
+
+    def __init__(self, worker: Worker, run: Run) -> None:
+        self.worker = worker
+        self.run = run
+        self.topic = P.topic(run.job.job)
+        self.rate = worker.engine.sample_rate
+        self.t0 = time.perf_counter()
+        self.ttfc = 0.0
+        self.seq = 0
+        self.samples = 0
+        self.closed = False
+
+    def audio(self, pcm: np.ndarray) -> None:
+        if self.closed or self.run.cancelled.is_set():
+            return
+        data = _to_s16(pcm)
+        if data.size == 0:
+            return
+        job = self.run.job
+        self.run.progress = time.monotonic()
+        if self.seq == 0:
+            self.ttfc = (time.perf_counter() - self.t0) * 1000
+        header = P.ChunkHeader(job.job, job.run, job.attempt, self.seq, self.rate, "s16le", 1)
+        self.worker._publish([self.topic, header.pack(), data])
+        self.seq += 1
+        self.samples += data.size
+
+    def done(self) -> None:
+        if self._close():
+            return
+        job = self.run.job
+        seq, samples, rate = self.seq, self.samples, self.rate
+        final = P.ChunkHeader(job.job, job.run, job.attempt, seq, rate, "s16le", 1, final=True,
+                              total_chunks=seq + 1, total_samples=samples)
+        self.worker._publish([self.topic, final.pack(), b""])
+        elapsed = time.perf_counter() - self.t0
+        rtf = elapsed / (samples / rate) if samples else 0.0
+        msg = P.JobDone(job.job, job.run, job.attempt, seq + 1, samples, rate, round(self.ttfc, 3), round(rtf, 5),
+                        self.worker.name)
+        self.worker._pusher().send_multipart([b"D", *msg.to_frames()])
+
+    def failed(self, error: BaseException) -> None:
+        if self._close():
+            return
+        job = self.run.job
+        if isinstance(error, EngineError):
+            log.warning("job %s failed: %s", job.job, error)
+            message, retryable = str(error), error.retryable
+        else:  # an engine bug must not take the worker down
+            log.error("job %s: engine raised", job.job, exc_info=error)
+            message = f"{error.__class__.__name__}: {error}"
+            retryable = "out of memory" in str(error).lower()
+        msg = P.JobFailed(job.job, P.ENGINE_ERROR, message, job.run, job.attempt, retryable)
+        self.worker._pusher().send_multipart([b"D", *msg.to_frames()])
+
+    def _close(self) -> bool:
+        """Mark the run ended; True if it had ended already or was cancelled (nothing more to say)."""
+        if self.closed:
+            return True
+        self.closed = True
+        if self.run.cancelled.is_set():
+            self.worker._pusher().send_multipart([b"X", self.run.job.run.encode()])
+            return True
+        return False
 
 
 def _to_s16(audio: np.ndarray) -> np.ndarray:
