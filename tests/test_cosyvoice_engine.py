@@ -36,7 +36,8 @@ needs_library = pytest.mark.skipif(
                           "then .venv-cosyvoice/bin/python -m pytest tests/test_cosyvoice_engine.py")
 
 HOP = 25
-FIRST_CHUNK = HOP * 960 - 8 * 480  # 20160 samples
+FIRST_HOP = 15  # scheduler=cosy: the first chunk after 15 tokens (+ 3 look-ahead)
+FIRST_CHUNK = {"library": HOP * 960 - 8 * 480, "cosy": FIRST_HOP * 960 - 8 * 480}  # 20160 / 10560 samples
 
 
 # --- everywhere: NVML, TensorRT plan, hop isolation -------------------------------------------
@@ -225,12 +226,22 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"model": make_tiny_model(root / "model"), "voices": voices, "cache": root / "cache"}
 
 
-@pytest.fixture(scope="module")
-def engine(tiny: dict[str, Path]) -> Iterator[Any]:
+@pytest.fixture(scope="module", params=["cosy", "library"])
+def engine(request: pytest.FixtureRequest, tiny: dict[str, Path]) -> Iterator[Any]:
+    """The engine on each scheduler (cosy's pipeline, the library's own loop), each with a cache folder of its own."""
+    if MISSING:
+        pytest.skip(f"needs {', '.join(MISSING)} in this interpreter: run scripts/setup-cosyvoice-env.sh, then "
+                    ".venv-cosyvoice/bin/python -m pytest tests/test_cosyvoice_engine.py")
+    import shutil
+
     from cosy.workers.engines import load_engine
 
-    eng = load_engine("cosyvoice", model_dir=str(tiny["model"]), voices_dir=str(tiny["voices"]),
-                      cache_dir=str(tiny["cache"]), text_frontend="false", capacity="2")
+    voices = tiny["voices"].parent / f"voices-{request.param}"
+    shutil.copytree(tiny["voices"], voices)
+    eng = load_engine("cosyvoice", model_dir=str(tiny["model"]), voices_dir=str(voices),
+                      cache_dir=str(tiny["cache"] / request.param), text_frontend="false", capacity="2",
+                      scheduler=request.param)
+    assert eng.scheduler == request.param
     yield eng
     eng.close()
 
@@ -254,7 +265,7 @@ def test_loads_through_the_library_and_streams_float_chunks(engine: Any) -> None
     assert [v.name for v in engine.voices()] == ["tiny"] and engine.default_voice == "tiny"
     chunks = _run(engine, "Hi")
     assert all(c.dtype == np.float32 and c.ndim == 1 for c in chunks)
-    assert len(chunks) >= 2 and len(chunks[0]) == FIRST_CHUNK  # streamed, not one block at the end
+    assert len(chunks) >= 2 and len(chunks[0]) == FIRST_CHUNK[engine.scheduler]  # streamed, not one block
     assert sum(len(c) for c in chunks) == 2 * 20 * 960  # "Hi": 2 bytes x 20 tokens x 960 samples
     assert all(np.isfinite(c).all() and np.abs(c).max() <= 1.0 for c in chunks)
     assert engine.metrics()["voice_prompts_computed"] == 1
@@ -279,8 +290,8 @@ def test_concurrent_jobs_each_get_the_first_chunk_they_should(engine: Any) -> No
     for t in threads:
         t.join(120)
     assert not errors, errors
-    assert first == {"Hey you": FIRST_CHUNK, "Hello!!": FIRST_CHUNK}
-    assert _run(engine, "Hi")[0].size == FIRST_CHUNK  # and the job after them too
+    assert first == {"Hey you": FIRST_CHUNK[engine.scheduler], "Hello!!": FIRST_CHUNK[engine.scheduler]}
+    assert _run(engine, "Hi")[0].size == FIRST_CHUNK[engine.scheduler]  # and the job after them too
 
 
 @needs_library
@@ -299,8 +310,8 @@ def test_prompt_features_are_computed_once_and_new_voices_appear(engine: Any, ti
     before = engine.metrics()["voice_prompts_computed"]
     _run(engine, "Ok")
     assert engine.metrics()["voice_prompts_computed"] == before  # reused, not recomputed
-    assert len(list((tiny["cache"] / "prompts").rglob("*.pt"))) == 1  # persisted for the next start
-    make_voice(tiny["voices"], "late", seconds=1.5, transcript="Added while running.")
+    assert len(list((tiny["cache"] / engine.scheduler / "prompts").rglob("*.pt"))) == 1  # persisted for a restart
+    make_voice(engine._voice_dirs[0], "late", seconds=1.5, transcript="Added while running.")
     chunks = _run(engine, "Ok", voice="late")  # no restart
     assert sum(len(c) for c in chunks) == 2 * 20 * 960
     assert engine.metrics()["voice_prompts_computed"] == before + 1
@@ -342,8 +353,8 @@ def test_broker_and_worker_stream_a_job_and_reuse_the_cached_voice(
 
     name = "cv"
     stack.start_worker("cosyvoice", name=name, wait=False, options={
-        "model_dir": tiny["model"], "voices_dir": tiny["voices"], "cache_dir": tiny["cache"],
-        "text_frontend": "false", "capacity": 2})
+        "model_dir": tiny["model"], "voices_dir": engine._voice_dirs[0], "cache_dir": tiny["cache"] / engine.scheduler,
+        "text_frontend": "false", "capacity": 2, "scheduler": engine.scheduler})
     info = stack.wait_worker(name, timeout=150)
     assert info["engine"] == "cosyvoice" and info["sample_rate"] == 24000 and info["capacity"] == 2
     assert sorted(info["voices"]) == ["late", "tiny"]
@@ -369,7 +380,7 @@ def test_broker_and_worker_stream_a_job_and_reuse_the_cached_voice(
                 elif isinstance(ev, Completed):
                     done[ev.job] = ev
     assert sorted(done) == sorted(jobs)
-    assert first == {job: FIRST_CHUNK for job in jobs}
+    assert first == {job: FIRST_CHUNK[engine.scheduler] for job in jobs}
     for job, text in jobs.items():
         assert done[job].sample_rate == 24000 and len(done[job].audio) == len(text) * 20 * 960
 

@@ -194,3 +194,35 @@ class CollectingSink:
         if self.error is not None:
             raise self.error
         return self.chunks
+
+
+class QueueSink:
+    """A sink read as a blocking iterator of chunks (``CosyVoiceEngine.synthesize``); re-raises the job's error."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        import queue
+
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.finished = False
+
+    def audio(self, pcm: np.ndarray) -> None:
+        self._queue.put(pcm)
+
+    def done(self) -> None:
+        self._queue.put(self._END)
+
+    def failed(self, error: BaseException) -> None:
+        self._queue.put(error)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                self.finished = True
+                return
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            yield item

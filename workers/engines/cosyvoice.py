@@ -10,8 +10,22 @@ Options (``cosy worker --engine cosyvoice --option key=value``; every value may 
                    model's flow.decoder.estimator.fp32.onnx), true or false
   load_vllm        false (default) or true, where the library supports it (CosyVoice2/3 upstream)
   load_jit         false (default) or true (CosyVoice2's flow.encoder.*.zip)
-  capacity         jobs run at once (default 2; the library keeps per-request state, see below)
-  token_hop_len    speech tokens in the first streamed chunk (the library's 25 = 1 s of audio at 25 Hz:
+  scheduler        cosy (default for CosyVoice2/3): cosy's own pipeline, one batched LLM loop for every stream
+                   (workers/engines/cosyvoice_pipeline.py); library: the library's own per-request
+                   ``inference_zero_shot(stream=True)`` (CosyVoice v1 always uses it)
+  backend          the cosy scheduler's LLM loop: torch (default) or vllm (where vLLM is installed, with
+                   load_vllm: the library's vLLM export, stepped for every stream by one thread)
+  capacity         jobs run at once: auto (default for scheduler=cosy: measured at warm-up, or taken from a
+                   `cosy bench gpu` sweep in the cache folder) or a number (library scheduler: default 2)
+  max_batch        the LLM loop's slots, the most streams decoded together (default 16)
+  max_len          cache positions per stream: prompt + text + speech tokens (default 4096)
+  first_hop        scheduler=cosy: tokens before the first chunk, plus the flow's look-ahead (default 15 + 3,
+                   as the official Triton runtime); then 25, 50, 100 tokens per chunk as the library grows them
+  llm_dtype        scheduler=cosy: auto (bfloat16 on CUDA where supported, else float16; float32 on a CPU),
+                   float32, float16, bfloat16 or float64 (tests)
+  cuda_graphs      scheduler=cosy: auto (on with CUDA), true or false
+  vocoders         scheduler=cosy: threads running flow + HiFT (default 1), one stream's chunks strictly in order
+  token_hop_len    scheduler=library: speech tokens in the first streamed chunk (the library's 25 = 1 s of audio:
                    it must match the flow's training chunk, so change it only with a model trained for it)
   text_frontend    true (default): the library's text normalisation; false sends the text as written
   device           a GPU index: sets CUDA_VISIBLE_DEVICES (only before torch is imported)
@@ -40,6 +54,7 @@ Traps in the library, and what this engine does about them (see docs/gpu.md):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import inspect
@@ -49,6 +64,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +72,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import EngineError, SynthesisRequest, VoiceInfo
+from .base import EngineError, Sink, SynthesisRequest, VoiceInfo
 
 log = logging.getLogger("cosy.engine.cosyvoice")
 
@@ -99,6 +115,7 @@ class RefVoice:
     audio_path: Path
     transcript: str
     language: str = ""
+    stamp: tuple[int, int] = (0, 0)  # the audio file's size and mtime when scanned: a replaced file is a new voice
 
 
 def scan_voices(dirs: list[Path]) -> dict[str, RefVoice]:
@@ -116,8 +133,12 @@ def scan_voices(dirs: list[Path]) -> dict[str, RefVoice]:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("skipping voice %s: %s", meta.parent, exc)
                 continue
+            try:
+                st = voice.audio_path.stat()
+            except OSError:
+                continue
             if voice.audio_path.is_file():
-                found.setdefault(voice.name, voice)
+                found.setdefault(voice.name, dataclasses.replace(voice, stamp=(st.st_size, st.st_mtime_ns)))
     return found
 
 
@@ -252,16 +273,26 @@ class CosyVoiceEngine:
 
     def __init__(self, model_dir: str, voices_dir: str | None = None, cache_dir: str | None = None,
                  fp16: bool | str = "auto", load_trt: bool | str = "auto", load_vllm: bool | str = "false",
-                 load_jit: bool | str = "false", capacity: int | str = 2, token_hop_len: int | str | None = None,
-                 text_frontend: bool | str = "true", trt_concurrent: int | str | None = None,
-                 device: str | None = None, default_voice: str | None = None) -> None:
+                 load_jit: bool | str = "false", capacity: int | str | None = None,
+                 token_hop_len: int | str | None = None, text_frontend: bool | str = "true",
+                 trt_concurrent: int | str | None = None, device: str | None = None,
+                 default_voice: str | None = None, scheduler: str = "cosy", backend: str = "torch",
+                 max_batch: int | str = 16, max_len: int | str = 4096, first_hop: int | str = 15,
+                 llm_dtype: str = "auto", cuda_graphs: bool | str = "auto", vocoders: int | str = 1) -> None:
         self.model_dir = Path(model_dir).expanduser().resolve()
         self.family = self._family(self.model_dir)
-        self.capacity = int(capacity)
+        self.scheduler = self._scheduler(scheduler)
+        self._capacity_option = None if capacity in (None, "", "auto") else int(capacity)
+        self.capacity = self._capacity_option or (2 if self.scheduler == "library" else 1)
+        self.capacity_source = "option" if self._capacity_option else "default"
         self._text_frontend = _flag(text_frontend, True)
         self._voice_dirs = [Path(p) for p in voices_dir.split(os.pathsep)] if voices_dir else default_voice_dirs()
         self._cache = _cache_root(cache_dir)
-        self._lock = threading.Lock()
+        # Two locks, so that the worker's socket loop (voices(), refresh_voices()) never waits on a voice whose
+        # prompt features are being computed: _voices_lock guards the folder scan's result, _prepare_lock the
+        # feature computation.
+        self._voices_lock = threading.Lock()
+        self._prepare_lock = threading.Lock()
         self._counts = {"voice_prompts_computed": 0, "voice_prompts_loaded": 0}
         if device is not None:
             self._select_device(str(device))
@@ -275,17 +306,18 @@ class CosyVoiceEngine:
         self._gpu = GpuMonitor() if cuda else None
         fp16_on = _flag(fp16, cuda) and cuda
         trt_on = _flag(load_trt, cuda and self._trt_ready()) and cuda
-        self._tts = self._construct(cli, fp16_on, _flag(load_vllm, False) and cuda, _flag(load_jit, False) and cuda)
+        vllm_on = _flag(load_vllm, False) and cuda
+        self._tts = self._construct(cli, fp16_on, vllm_on, _flag(load_jit, False) and cuda)
         if trt_on:
-            self._load_trt(fp16_on, int(trt_concurrent or self.capacity))
+            self._load_trt(fp16_on, int(trt_concurrent or max(self.capacity, 2)))
         self.sample_rate = int(self._tts.sample_rate)
-        self.model = f"{self.family} ({self.model_dir.name}){' fp16' if fp16_on else ''}{' trt' if trt_on else ''}"
         self._hop = isolate_hop_len(self._tts.model, int(token_hop_len) if token_hop_len is not None else None)
         isolate_speaker_cache(self._tts.frontend)
         self._prompt_kind = self._prompt_signature()
+        self._model_key_value = self._model_key()  # once: the model folder does not change under a running worker
 
         self._voices: dict[str, RefVoice] = {}
-        self._ready: dict[str, str] = {}  # voice name -> speaker id in the library's spk2info
+        self._ready: dict[str, tuple[RefVoice, str]] = {}  # voice name -> (the voice as prepared, speaker id)
         self._rescan()
         for voice in list(self._voices.values()):
             self._prepare(voice)
@@ -293,6 +325,31 @@ class CosyVoiceEngine:
             raise EngineError(f"no voices in {', '.join(map(str, self._voice_dirs))}: add one with `cosy voices add`")
         self._default = default_voice if default_voice in self._voices else (
             "joe" if "joe" in self._voices else next(iter(self._voices)))
+
+        self._pipeline = None
+        self._library_runner = None
+        if self.scheduler == "cosy":
+            from .cosyvoice_setup import build_pipeline
+
+            self._pipeline, self._pipeline_info = build_pipeline(
+                self, backend=backend, vllm=vllm_on, max_batch=int(max_batch), max_len=int(max_len),
+                first_hop=int(first_hop), llm_dtype=llm_dtype, cuda_graphs=_flag(cuda_graphs, cuda) and cuda,
+                vocoders=int(vocoders))
+        else:
+            from .base import ThreadedEngine
+
+            self._library_runner = ThreadedEngine(_LibrarySynth(self))
+        self.model = (f"{self.family} ({self.model_dir.name}){' fp16' if fp16_on else ''}{' trt' if trt_on else ''}"
+                      f"{'' if self.scheduler == 'cosy' else ' library scheduler'}")
+
+    def _scheduler(self, scheduler: str) -> str:
+        scheduler = (scheduler or "cosy").strip().lower()
+        if scheduler not in ("cosy", "library"):
+            raise EngineError(f"scheduler must be cosy or library, not {scheduler!r}")
+        if scheduler == "cosy" and self.family == "CosyVoice":
+            log.info("CosyVoice (v1) runs on the library's scheduler")
+            return "library"
+        return scheduler
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -389,7 +446,7 @@ class CosyVoiceEngine:
 
     def _rescan(self) -> None:
         found = scan_voices(self._voice_dirs)
-        with self._lock:
+        with self._voices_lock:
             self._voices = found
 
     def _prompt_text(self, voice: RefVoice) -> str:
@@ -410,25 +467,33 @@ class CosyVoiceEngine:
         digest.update(self._prompt_text(voice).encode())
         digest.update(self._prompt_kind.encode())
         spk_id = f"cosy-{voice.name}-{digest.hexdigest()[:12]}"
-        return self._cache / "prompts" / self._model_key() / f"{spk_id}.pt", spk_id
+        return self._cache / "prompts" / self._model_key_value / f"{spk_id}.pt", spk_id
 
     def _prepare(self, voice: RefVoice) -> str:
-        """The voice's speaker id, its prompt features computed once and kept in ``cache_dir`` across restarts."""
-        path, spk_id = self._feature_file(voice)
-        spk2info = self._tts.frontend.spk2info
-        with self._lock:
-            if self._ready.get(voice.name) == spk_id and spk_id in spk2info:
-                return spk_id
-            if path.is_file():
-                spk2info[spk_id] = self._torch.load(path, map_location=self._tts.frontend.device, weights_only=True)
-                self._counts["voice_prompts_loaded"] += 1
-                log.info("voice %s: prompt features from %s", voice.name, path)
-            else:
-                self._tts.add_zero_shot_spk(self._prompt_text(voice), self._prompt_audio(voice), spk_id)
-                self._counts["voice_prompts_computed"] += 1
-                self._save_features(path, spk2info[spk_id])
-                log.info("voice %s: prompt features computed and saved to %s", voice.name, path)
-            self._ready[voice.name] = spk_id
+        """The voice's speaker id, its prompt features computed once and kept in ``cache_dir`` across restarts.
+        A voice prepared before, unchanged since (same folder entry, same file size and mtime), costs a dict
+        lookup: nothing is read or hashed per job."""
+        ready = self._ready.get(voice.name)
+        if ready is not None and ready[0] == voice:
+            return ready[1]
+        with self._prepare_lock:
+            ready = self._ready.get(voice.name)
+            if ready is not None and ready[0] == voice:
+                return ready[1]
+            path, spk_id = self._feature_file(voice)
+            spk2info = self._tts.frontend.spk2info
+            if spk_id not in spk2info:
+                if path.is_file():
+                    spk2info[spk_id] = self._torch.load(path, map_location=self._tts.frontend.device,
+                                                        weights_only=True)
+                    self._counts["voice_prompts_loaded"] += 1
+                    log.info("voice %s: prompt features from %s", voice.name, path)
+                else:
+                    self._tts.add_zero_shot_spk(self._prompt_text(voice), self._prompt_audio(voice), spk_id)
+                    self._counts["voice_prompts_computed"] += 1
+                    self._save_features(path, spk2info[spk_id])
+                    log.info("voice %s: prompt features computed and saved to %s", voice.name, path)
+            self._ready[voice.name] = (voice, spk_id)
         return spk_id
 
     def _save_features(self, path: Path, features: dict[str, Any]) -> None:
@@ -466,7 +531,8 @@ class CosyVoiceEngine:
             raise EngineError(f"voice {name!r}: cannot read its reference audio: {exc}") from exc
 
     def refresh_voices(self) -> bool:
-        """Look at the voice folders again (`cosy voices add` on a running system); True if the set changed."""
+        """Look at the voice folders again (`cosy voices add` on a running system); True if the set changed.
+        Reads only the folders' voice.json files: never waits on a voice being prepared."""
         before = set(self._voices)
         self._rescan()
         return set(self._voices) != before
@@ -481,7 +547,73 @@ class CosyVoiceEngine:
 
     # --- synthesis -------------------------------------------------------------------------
 
+    def start(self, request: SynthesisRequest, sink: Sink) -> None:
+        if self._pipeline is not None:
+            self._pipeline.submit(request, sink)
+        else:
+            self._library_runner.start(request, sink)
+
+    def cancel(self, run: str) -> None:
+        if self._pipeline is not None:
+            self._pipeline.cancel(run)
+        else:
+            self._library_runner.cancel(run)
+
     def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        """The job's chunks as a blocking generator (tests, benchmarks), whichever the scheduler."""
+        from .base import QueueSink
+
+        run = request.run or f"sync-{uuid.uuid4().hex}"
+        request = dataclasses.replace(request, run=run)
+        sink = QueueSink()
+        self.start(request, sink)
+        try:
+            yield from sink
+        finally:
+            if not sink.finished:
+                self.cancel(run)
+
+    def warm_up(self) -> None:
+        """Before READY: one job through the engine; with the cosy scheduler also the CUDA graphs and the
+        measured capacity (see cosyvoice_setup.warm_up)."""
+        if self._pipeline is not None:
+            from .cosyvoice_setup import warm_up
+
+            warm_up(self)
+        else:
+            for _ in self.synthesize(SynthesisRequest("Hello.", self._default)):
+                pass
+
+    def _instruct_text(self, instruct: str) -> str:
+        if self.family == "CosyVoice3" and ENDOFPROMPT not in instruct:
+            return f"{COSYVOICE3_SYSTEM_PROMPT} {instruct}{ENDOFPROMPT}"
+        return instruct
+
+    def model_inputs(self, request: SynthesisRequest) -> list[dict[str, Any]]:
+        """The library frontend's model inputs for each piece of the text (scheduler=cosy; on its frontend
+        thread). Instruct mode puts the instruct text where the library's ``inference_instruct2`` means it to be:
+        as the LLM's prompt text, without the voice's prompt speech tokens (with a cached speaker the library's
+        ``frontend_instruct2`` keeps the transcript instead)."""
+        spk_id = self._speaker(request.voice)
+        frontend = self._tts.frontend
+        empty_prompt = "" if self._prompt_kind == "path" else self._torch.zeros(1, 0)
+        instruct = getattr(request, "instruct", "") or ""
+        out = []
+        for piece in frontend.text_normalize(request.text, split=True, text_frontend=self._text_frontend):
+            inputs = frontend.frontend_zero_shot(piece, "", empty_prompt, self.sample_rate, spk_id)
+            if instruct:
+                text = self._instruct_text(instruct)
+                if ENDOFPROMPT not in text:
+                    text += ENDOFPROMPT
+                inputs["prompt_text"], inputs["prompt_text_len"] = frontend._extract_text_token(text)
+                inputs.pop("llm_prompt_speech_token", None)
+                inputs.pop("llm_prompt_speech_token_len", None)
+            if inputs["text"].shape[1]:
+                out.append(inputs)
+        return out
+
+    def _library_synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        """scheduler=library: the library's own per-request streaming."""
         spk_id = self._speaker(request.voice)
         stream = abs(request.speed - 1.0) < 1e-3  # the library ignores speed when streaming
         empty_prompt = "" if self._prompt_kind == "path" else self._torch.zeros(1, 0)
@@ -490,10 +622,8 @@ class CosyVoiceEngine:
         if self._hop is not None:
             self._hop.reset()
         if instruct and hasattr(self._tts, "inference_instruct2"):
-            if self.family == "CosyVoice3" and ENDOFPROMPT not in instruct:
-                instruct = f"{COSYVOICE3_SYSTEM_PROMPT} {instruct}{ENDOFPROMPT}"
-            outputs = self._tts.inference_instruct2(request.text, instruct, empty_prompt, zero_shot_spk_id=spk_id,
-                                                    **options)
+            outputs = self._tts.inference_instruct2(request.text, self._instruct_text(instruct), empty_prompt,
+                                                    zero_shot_spk_id=spk_id, **options)
         else:
             outputs = self._tts.inference_zero_shot(request.text, "", empty_prompt, zero_shot_spk_id=spk_id,
                                                     **options)
@@ -517,12 +647,34 @@ class CosyVoiceEngine:
 
     # --- reporting -------------------------------------------------------------------------
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self._counts)
+        out["scheduler"] = self.scheduler
+        out["capacity_source"] = self.capacity_source
+        if self._pipeline is not None:
+            out.update(self._pipeline.stats())
         if self._gpu is not None:
             out.update(self._gpu.metrics())
         return out
 
     def close(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.close()
+        if self._library_runner is not None:
+            self._library_runner._pool.shutdown(wait=False, cancel_futures=True)
         if self._gpu is not None:
             self._gpu.close()
+
+
+class _LibrarySynth:
+    """scheduler=library as a generator engine, for ThreadedEngine: one library request per thread."""
+
+    def __init__(self, engine: CosyVoiceEngine) -> None:
+        self.engine = engine
+        self.capacity = engine.capacity
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        return self.engine._library_synthesize(request)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,409 @@
+"""cosy's CosyVoice pipeline (scheduler=cosy) on the generated tiny model, against the real library, on the CPU.
+
+Like tests/test_cosyvoice_engine.py these need torch and the CosyVoice library in the running interpreter
+(CI: .venv-cosyvoice); elsewhere they skip. The LLM runs in float64 here: a random tiny model has nearly flat
+logits, so a batched and a single matrix product that round differently in float32 could flip a token.
+
+The tiny model: 25 speech tokens/s, 960 samples per token at 24 kHz, 20 tokens per byte of text (its LLM never
+stops early); the vocoder holds back 8 mel frames x 480 samples of every streamed chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cosy.workers.engines.base import CollectingSink, EngineError, SynthesisRequest
+
+MISSING = [m for m in ("torch", "torchaudio", "onnx", "transformers", "cosyvoice")
+           if importlib.util.find_spec(m) is None]
+pytestmark = pytest.mark.skipif(
+    bool(MISSING), reason=f"needs {', '.join(MISSING)} in this interpreter: run scripts/setup-cosyvoice-env.sh, "
+                          "then .venv-cosyvoice/bin/python -m pytest tests/test_cosyvoice_pipeline.py")
+
+SAMPLES_PER_TOKEN = 960
+HELD_BACK = 8 * 480
+TEXTS = {"a": "Hi there", "b": "Good morning!", "c": "Ok", "d": "Hello you two"}  # 20 tokens per byte
+LONG = "A long sentence that would take the tiny model a good while to render, " * 2  # 2,880 tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tiny_cosyvoice import make_tiny_model, make_voice
+
+    root = tmp_path_factory.mktemp("cosyvoice-pipeline")
+    voices = root / "voices"
+    make_voice(voices, "tiny")
+    make_voice(voices, "other", seconds=3.1, transcript="Another reference voice, a little longer.")
+    return {"model": make_tiny_model(root / "model"), "voices": voices, "cache": root / "cache"}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny: dict[str, Path]) -> Iterator[Any]:
+    from cosy.workers.engines import load_engine
+
+    eng = load_engine("cosyvoice", model_dir=str(tiny["model"]), voices_dir=str(tiny["voices"]),
+                      cache_dir=str(tiny["cache"]), text_frontend="false", capacity="4", llm_dtype="float64")
+    assert eng.scheduler == "cosy"
+    yield eng
+    eng.close()
+
+
+def _job(engine: Any, text: str, voice: str = "tiny", seed: int = 7, run: str | None = None,
+         **kw: Any) -> tuple[SynthesisRequest, CollectingSink]:
+    request = SynthesisRequest(text, voice, run=run or f"r-{text}-{voice}-{seed}-{time.monotonic_ns()}",
+                               seed=seed, **kw)
+    sink = CollectingSink()
+    engine.start(request, sink)
+    return request, sink
+
+
+def _tokens(engine: Any, run: str) -> list[int]:
+    pieces = [p for p in engine._pipeline.finished if p[0] == run]
+    assert pieces, f"no finished piece for {run}"
+    return [t for p in sorted(pieces, key=lambda p: p[1]) for t in p[2]]
+
+
+class greedy:
+    """Deterministic sampling for a comparison with the library: top-k 1 and Repetition Aware Sampling off
+    (its threshold above the window), set on the library's own ``llm.sampling`` and read back by the pipeline."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def __enter__(self) -> None:
+        from cosy.workers.engines.sampling import SamplingRules
+
+        llm = self.engine._tts.model.llm
+        self.saved = llm.sampling
+        func = llm.sampling.func if isinstance(llm.sampling, functools.partial) else llm.sampling
+        llm.sampling = functools.partial(func, top_p=0.8, top_k=1, win_size=10, tau_r=2.0)
+        self.lm = self.engine._pipeline.backend.lm
+        self.rules = self.lm.rules
+        self.lm.rules = SamplingRules.from_library(llm)
+        assert self.lm.rules.top_k == 1 and self.lm.rules.repeat_threshold > self.lm.rules.win_size
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine._tts.model.llm.sampling = self.saved
+        self.lm.rules = self.rules
+
+
+def _library_tokens(engine: Any, inputs: dict[str, Any]) -> list[int]:
+    import torch
+
+    llm = engine._tts.model.llm
+    out = llm.inference(text=inputs["text"], text_len=torch.tensor([inputs["text"].shape[1]], dtype=torch.int32),
+                        prompt_text=inputs["prompt_text"],
+                        prompt_text_len=torch.tensor([inputs["prompt_text"].shape[1]], dtype=torch.int32),
+                        prompt_speech_token=inputs["llm_prompt_speech_token"],
+                        prompt_speech_token_len=torch.tensor([inputs["llm_prompt_speech_token"].shape[1]],
+                                                             dtype=torch.int32),
+                        embedding=inputs["llm_embedding"])
+    return [int(t) for t in out]
+
+
+# --- the same tokens and audio as the library --------------------------------------------------------------
+
+
+def test_one_stream_gives_exactly_the_library_tokens(engine: Any) -> None:
+    with greedy(engine):
+        for text, voice in (("Hi there", "tiny"), ("Good morning!", "other")):
+            request, sink = _job(engine, text, voice)
+            sink.wait(120)
+            inputs = engine.model_inputs(request)[0]
+            ours, theirs = _tokens(engine, request.run), _library_tokens(engine, inputs)
+            assert len(theirs) == len(text) * 20
+            assert ours == theirs
+
+
+def test_audio_equals_the_library_stream_for_the_same_chunk_boundaries(engine: Any) -> None:
+    """With the library's own first hop (25 tokens; the tiny voice's 50 prompt tokens need no padding) cosy's chunks
+    fall where the library's ``tts(stream=True)``'s fall, and each chunk's audio is what the library's ``token2wav``
+    makes of the same tokens at the same boundaries. HiFT draws noise from torch's global generator, so every chunk
+    starts from a known seed on both sides."""
+    import torch
+
+    pipeline = engine._pipeline
+    schedule = pipeline.schedule
+    vocoder = pipeline.vocoder
+    model = engine._tts.model
+    plain_chunk = vocoder.chunk
+    seeds = iter(range(1000, 2000))
+
+    def seeded_chunk(*args: Any, **kwargs: Any) -> np.ndarray:
+        torch.manual_seed(next(seeds))
+        return plain_chunk(*args, **kwargs)
+
+    engine._hop.reset()
+    library_schedule = dataclasses.replace(schedule, first_hop=engine._hop.initial)
+    pipeline.schedule = library_schedule
+    vocoder.chunk = seeded_chunk
+    try:
+        with greedy(engine):
+            request, sink = _job(engine, "Hello you", "tiny")
+            ours = sink.wait(120)
+            inputs = engine.model_inputs(request)[0]
+            engine._hop.reset()
+            library_stream = [o["tts_speech"].shape[-1] for o in model.tts(**inputs, stream=True)]
+    finally:
+        pipeline.schedule = schedule
+        vocoder.chunk = plain_chunk
+    assert [len(c) for c in ours] == library_stream and len(ours) >= 3
+
+    (_, _, tokens, _), = [p for p in pipeline.finished if p[0] == request.run]
+    key = "reference"
+    model.hift_cache_dict[key] = None
+    expected, offset, hops = [], 0, library_schedule.hops()
+    try:
+        hop = next(hops)
+        with torch.inference_mode():
+            for seed in range(1000, 2000):
+                final = len(tokens) - offset < hop + schedule.lookahead
+                end = len(tokens) if final else offset + hop + schedule.lookahead
+                torch.manual_seed(seed)
+                speech = model.token2wav(token=torch.tensor([tokens[:end]], dtype=torch.int32),
+                                         prompt_token=inputs["flow_prompt_speech_token"],
+                                         prompt_feat=inputs["prompt_speech_feat"], embedding=inputs["flow_embedding"],
+                                         token_offset=offset, uuid=key, stream=not final, finalize=final)
+                expected.append(speech.reshape(-1).numpy())
+                if final:
+                    break
+                offset += hop
+                hop = next(hops)
+    finally:
+        model.hift_cache_dict.pop(key, None)
+    assert len(expected) == len(ours)
+    for a, b in zip(ours, expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# --- batching is invisible ------------------------------------------------------------------------------------
+
+
+def test_streams_batched_together_get_the_tokens_they_get_alone(engine: Any) -> None:
+    """Four streams, two voices (different prompts), seeded sampling with the library's rules (top-k 25, top-p,
+    Repetition Aware Sampling): decoded together, one joining mid-flight and one cancelled mid-flight, each gets
+    exactly its tokens alone."""
+    voices = {"a": "tiny", "b": "other", "c": "tiny", "d": "other"}
+    alone = {}
+    for key, text in TEXTS.items():
+        request, sink = _job(engine, text, voices[key], seed=100 + ord(key))
+        sink.wait(120)
+        alone[key] = _tokens(engine, request.run)
+    pipeline = engine._pipeline
+    before = pipeline.largest_batch
+    pipeline.largest_batch = 0
+    try:
+        jobs = {key: _job(engine, TEXTS[key], voices[key], seed=100 + ord(key)) for key in "abc"}
+        victim_req, victim = _job(engine, LONG, "tiny", seed=5)
+        wait_first_audio(jobs["a"][1])
+        jobs["d"] = _job(engine, TEXTS["d"], voices["d"], seed=100 + ord("d"))  # joins mid-flight
+        wait_first_audio(victim)
+        engine.cancel(victim_req.run)  # leaves mid-flight
+        for key, (request, sink) in jobs.items():
+            sink.wait(120)
+            assert _tokens(engine, request.run) == alone[key], key
+        assert pipeline.wait_idle(30), (pipeline.streams, pipeline.active, pipeline.pending, pipeline.frontend_queue,
+                                        victim.finished.is_set(), victim.error)
+        assert pipeline.largest_batch >= 3  # they really were decoded together
+        assert not [p for p in pipeline.finished if p[0] == victim_req.run]  # the cancelled one never finished
+    finally:
+        pipeline.largest_batch = max(before, pipeline.largest_batch)
+
+
+def wait_first_audio(sink: CollectingSink, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not sink.chunks:
+        assert not sink.finished.is_set(), sink.error
+        assert time.monotonic() < deadline, "no audio in time"
+        sink.finished.wait(0.005)
+
+
+# --- the chunk schedule, and nothing sleeps ------------------------------------------------------------------
+
+
+def test_first_chunk_after_exactly_first_hop_plus_lookahead_and_nothing_sleeps(
+        engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    schedule = engine._pipeline.schedule
+    assert (schedule.first_hop, schedule.lookahead) == (15, 3)  # the default, the official Triton runtime's
+
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError(f"time.sleep({seconds}) on the hot path")
+
+    monkeypatch.setattr(time, "sleep", no_sleep)
+    request, sink = _job(engine, "Hi there", "tiny")
+    chunks = sink.wait(120)
+    monkeypatch.undo()
+    (run, _, tokens, scheduled), = [p for p in engine._pipeline.finished if p[0] == request.run]
+    assert scheduled[0] == schedule.first_hop + schedule.lookahead  # handed over the moment its tokens existed
+    assert len(chunks[0]) == schedule.first_hop * SAMPLES_PER_TOKEN - HELD_BACK
+    assert sum(len(c) for c in chunks) == len(tokens) * SAMPLES_PER_TOKEN == 8 * 20 * SAMPLES_PER_TOKEN
+
+
+def test_speed_is_applied_in_one_block(engine: Any) -> None:
+    request, sink = _job(engine, "Hi", "tiny", speed=2.0)
+    chunks = sink.wait(120)
+    assert len(chunks) == 1 and abs(len(chunks[0]) - 2 * 20 * SAMPLES_PER_TOKEN / 2) <= SAMPLES_PER_TOKEN
+
+
+# --- failure -------------------------------------------------------------------------------------------------
+
+
+def test_an_exception_in_the_llm_loop_fails_its_jobs_retryably_within_a_second(engine: Any) -> None:
+    pipeline = engine._pipeline
+    fired: dict[str, float] = {}
+
+    def fault(n: int) -> None:
+        if n >= 2 and "t" not in fired:
+            fired["t"] = time.monotonic()
+            raise RuntimeError("injected LLM loop failure")
+
+    pipeline.fault = fault
+    try:
+        sinks = [_job(engine, text, "tiny")[1] for text in ("Long enough text one", "Long enough text two")]
+        for sink in sinks:
+            assert sink.finished.wait(60)
+    finally:
+        pipeline.fault = None
+    ended = time.monotonic()
+    assert "t" in fired
+    for sink in sinks:
+        assert isinstance(sink.error, EngineError) and sink.error.retryable, sink.error
+        assert "injected LLM loop failure" in str(sink.error)
+    assert ended - fired["t"] < 1.0
+    assert pipeline.wait_idle(10)
+    _, sink = _job(engine, "Ok", "tiny")
+    assert sum(len(c) for c in sink.wait(120)) == 2 * 20 * SAMPLES_PER_TOKEN  # the loop started again
+
+
+def test_cuda_out_of_memory_lowers_the_admitted_batch(engine: Any) -> None:
+    import torch
+
+    pipeline = engine._pipeline
+    saved = pipeline.max_batch
+
+    def fault(n: int) -> None:
+        if n >= 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    pipeline.fault = fault
+    try:
+        jobs = [_job(engine, text, "tiny", seed=i) for i, text in enumerate(("Text one", "Text two", "Text 3!"))]
+        results = []
+        for _, sink in jobs:
+            sink.finished.wait(120)
+            results.append(sink.error)
+        failed = [e for e in results if e is not None]
+        assert pipeline.max_batch == 1
+        assert len(failed) >= 1 and all(isinstance(e, EngineError) and e.retryable and "out of memory" in str(e)
+                                        for e in failed)
+        assert any(e is None for e in results)  # the survivors went on
+        retry = [_job(engine, "Text one", "tiny", seed=0)[1] for _ in failed]
+        for sink in retry:
+            assert sum(len(c) for c in sink.wait(120)) == 8 * 20 * SAMPLES_PER_TOKEN
+    finally:
+        pipeline.fault = None
+        pipeline.max_batch = saved
+
+
+# --- the engine interface for a batched engine ----------------------------------------------------------------
+
+
+def test_cancel_stops_the_llm_work_and_frees_the_state(engine: Any) -> None:
+    pipeline = engine._pipeline
+    request, sink = _job(engine, LONG, "tiny")
+    wait_first_audio(sink)
+    engine.cancel(request.run)
+    assert pipeline.wait_idle(10)
+    assert pipeline.stats()["llm_active"] == 0
+    assert not [p for p in pipeline.finished if p[0] == request.run]  # its LLM stream stopped before its end
+    assert not engine._tts.model.hift_cache_dict  # no per-request state left in the library's dicts
+    assert not sink.finished.is_set()  # a cancelled job gets nothing more
+
+
+def test_a_job_reads_and_hashes_nothing(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The voice's reference audio and the model folder were read when the voice was prepared, never again."""
+    import cosy.workers.engines.cosyvoice as cv
+
+    _job(engine, "Ok", "tiny")[1].wait(120)
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("read or hashed during a job")
+
+    monkeypatch.setattr(cv.hashlib, "sha256", forbidden)
+    monkeypatch.setattr(Path, "read_bytes", forbidden)
+    monkeypatch.setattr(Path, "glob", forbidden)
+    chunks = _job(engine, "Ok", "other")[1].wait(120)
+    assert sum(len(c) for c in chunks) == 2 * 20 * SAMPLES_PER_TOKEN
+
+
+def test_the_socket_loop_never_waits_on_a_voice_being_prepared(engine: Any, tiny: dict[str, Path]) -> None:
+    from tiny_cosyvoice import make_voice
+
+    gate = threading.Event()
+    entered = threading.Event()
+    original = engine._tts.add_zero_shot_spk
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        gate.wait(60)
+        return original(*args, **kwargs)
+
+    engine._tts.add_zero_shot_spk = slow
+    try:
+        make_voice(tiny["voices"], "newcomer", seconds=1.5, transcript="A voice added while running.")
+        _, sink = _job(engine, "Ok", "newcomer")
+        assert entered.wait(30)  # the frontend thread is computing its features, holding the prepare lock
+        answers: list[Any] = []
+        probe = threading.Thread(target=lambda: answers.extend(
+            [engine.refresh_voices(), [v.name for v in engine.voices()], engine.metrics()]))
+        probe.start()
+        probe.join(5)
+        assert not probe.is_alive(), "refresh_voices/voices/metrics waited on the voice being prepared"
+        assert "newcomer" in answers[1]
+        assert not sink.finished.is_set()
+        gate.set()
+        assert sum(len(c) for c in sink.wait(120)) == 2 * 20 * SAMPLES_PER_TOKEN
+    finally:
+        gate.set()
+        engine._tts.add_zero_shot_spk = original
+
+
+def test_unknown_voice_fails_the_job_and_names_the_voices(engine: Any) -> None:
+    _, sink = _job(engine, "Ok", "nobody")
+    with pytest.raises(EngineError, match="not available.*tiny"):
+        sink.wait(30)
+
+
+# --- capacity -------------------------------------------------------------------------------------------------
+
+
+def test_warm_up_measures_the_capacity_or_takes_it_from_a_bench_sweep(tiny: dict[str, Path]) -> None:
+    from cosy.workers.engines import load_engine
+    from cosy.workers.engines.cosyvoice_setup import capacity_file, save_capacity
+
+    eng = load_engine("cosyvoice", model_dir=str(tiny["model"]), voices_dir=str(tiny["voices"]),
+                      cache_dir=str(tiny["cache"]), text_frontend="false", max_batch="4")
+    try:
+        capacity_file(eng).unlink(missing_ok=True)
+        eng.warm_up()
+        assert eng.capacity_source == "warm-up" and 1 <= eng.capacity <= 4
+        estimate = eng._pipeline_info["rtf_estimate"]
+        assert set(estimate) == {1, 2, 4} and all(r > 0 for r in estimate.values())
+        assert eng.capacity == max([b for b, r in estimate.items() if r <= 0.5], default=1)
+        save_capacity(eng, 3, {1: 0.1, 2: 0.2, 3: 0.4, 4: 0.6}, "test")
+        eng.warm_up()
+        assert (eng.capacity, eng.capacity_source) == (3, "bench")
+        assert eng.metrics()["capacity_source"] == "bench"
+    finally:
+        capacity_file(eng).unlink(missing_ok=True)
+        eng.close()
