@@ -407,3 +407,113 @@ def test_warm_up_measures_the_capacity_or_takes_it_from_a_bench_sweep(tiny: dict
     finally:
         capacity_file(eng).unlink(missing_ok=True)
         eng.close()
+
+
+# --- the sampler follows the library's rules ------------------------------------------------------------------
+
+
+def test_the_vectorised_sampler_draws_as_the_library_does() -> None:
+    """On fixed distributions, with and without a repetition in the window, cosy's batched sampler and the
+    library's own ``ras_sampling`` give the same token frequencies (20,000 seeded draws each)."""
+    import torch
+    from cosyvoice.utils.common import ras_sampling
+
+    from cosy.workers.engines.sampling import SamplingRules, sample
+
+    rules = SamplingRules.from_library(type("LLM", (), {"sampling": functools.partial(
+        ras_sampling, top_p=0.8, top_k=25, win_size=10, tau_r=0.1), "speech_token_size": 7})())
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0])
+    logp = logits.log_softmax(0)
+    n = 20_000
+    for window in ([], [0] * 3):  # no repetition; token 0 repeated (redrawn when chosen)
+        torch.manual_seed(0)
+        theirs = torch.tensor([int(ras_sampling(logp.clone(), list(window), 25, top_p=0.8, top_k=25, win_size=10,
+                                                tau_r=0.1)) for _ in range(n)])
+        padded = ([-1] * 10 + window)[-10:]
+        gen = torch.Generator().manual_seed(1)
+        ours = sample(logp.expand(n, -1).clone(), rules, torch.tensor([padded] * n), torch.full((n,), 5),
+                      torch.zeros(n, dtype=torch.long), torch.rand(n, 2, generator=gen, dtype=torch.float64).float())
+        f_theirs = torch.bincount(theirs, minlength=8).double() / n
+        f_ours = torch.bincount(ours, minlength=8).double() / n
+        assert (f_ours - f_theirs).abs().sum() < 0.03, (window, f_ours, f_theirs)
+        assert f_ours[4:].sum() == 0 or window  # top-p 0.8 keeps the first four (0.45+0.27+0.17 > 0.8 at 3)
+    # min_len forbids the end token
+    eos = sample(torch.tensor([[0.0] + [-50.0] * 7]).log_softmax(1), dataclasses.replace(rules, eos=0),
+                 torch.full((1, 10), -1), torch.tensor([0]), torch.tensor([1]), torch.tensor([[0.5, 0.5]]))
+    assert int(eos) != 0
+
+
+# --- the vllm backend's loop ----------------------------------------------------------------------------------
+
+
+class StandInVllm:
+    """vLLM's LLMEngine shape: add_request / step / abort_request; each request emits max_tokens ids, except that
+    one with a long prompt (over 100 positions) stops after 40 and stays running (a long generation)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, dict[str, Any]] = {}
+        self.step_threads: set[int] = set()
+        self.aborted: list[str] = []
+        self.prompts: list[tuple[int, ...]] = []
+
+    def add_request(self, request_id: str, prompt: dict[str, Any], params: dict[str, Any]) -> None:
+        self.prompts.append(tuple(prompt["prompt_embeds"].shape))
+        self.requests[request_id] = {"params": params, "ids": [], "long": prompt["prompt_embeds"].shape[0] > 100}
+
+    def step(self) -> list[Any]:
+        from types import SimpleNamespace
+
+        self.step_threads.add(threading.get_ident())
+        out = []
+        for rid, req in list(self.requests.items()):
+            if req["long"] and len(req["ids"]) >= 40:
+                continue
+            req["ids"].append((len(req["ids"]) * 7 + len(rid)) % 64)
+            finished = len(req["ids"]) >= req["params"]["max_tokens"]
+            out.append(SimpleNamespace(request_id=rid, finished=finished,
+                                       outputs=[SimpleNamespace(token_ids=list(req["ids"]))]))
+            if finished:
+                del self.requests[rid]
+        return out
+
+    def abort_request(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        self.requests.pop(request_id, None)
+
+
+def test_the_vllm_backend_steps_every_stream_from_the_loop_thread(
+        engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cosy.workers.engines.cosyvoice_pipeline import Pipeline
+    from cosy.workers.engines.cosyvoice_setup import token_limits
+    from cosy.workers.engines.vllm_loop import VllmBackend
+
+    vllm = StandInVllm()
+    llm = engine._tts.model.llm
+    backend = VllmBackend(vllm, llm, slots=4, rules=engine._pipeline.backend.lm.rules,
+                          params=lambda rules, stop, lo, hi, seed: {"max_tokens": hi, "min_tokens": lo, "seed": seed})
+    pipeline = Pipeline(backend, engine._pipeline.vocoder, engine.model_inputs, engine._pipeline.schedule,
+                        token_limits)
+
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError(f"time.sleep({seconds}) in the vLLM loop")
+
+    monkeypatch.setattr(time, "sleep", no_sleep)
+    try:
+        texts = ("Hi", "Hey you", "Okay")
+        sinks = []
+        for i, text in enumerate(texts):
+            sink = CollectingSink()
+            pipeline.submit(SynthesisRequest(text, "tiny", run=f"v{i}", seed=i), sink)
+            sinks.append(sink)
+        victim = CollectingSink()
+        pipeline.submit(SynthesisRequest(LONG, "tiny", run="victim"), victim)
+        for text, sink in zip(texts, sinks, strict=True):
+            assert sum(len(c) for c in sink.wait(120)) == len(text) * 20 * SAMPLES_PER_TOKEN
+        wait_first_audio(victim)
+        pipeline.cancel("victim")
+        assert pipeline.wait_idle(30)
+    finally:
+        pipeline.close()
+    assert len(vllm.step_threads) == 1  # one thread steps vLLM for every stream
+    assert len(vllm.aborted) == 1 and not vllm.requests  # the cancelled request was aborted in vLLM
+    assert all(len(shape) == 2 and shape[1] == llm.llm_input_size for shape in vllm.prompts)

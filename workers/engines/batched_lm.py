@@ -38,6 +38,21 @@ class StepInputs:
     tokens: torch.Tensor  # [slots] int64: the step's output
 
 
+def lm_input(llm: Any, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
+             dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[1, T, hidden]: sos, prompt text + text, task id, prompt speech tokens: the library's layout
+    (``Qwen2LM.inference``; CosyVoice3LM takes sos and task id from its speech embedding)."""
+    with torch.inference_mode():
+        tokens = torch.cat([prompt_text, text], dim=1).to(device)
+        text_emb = llm.llm.model.model.embed_tokens(tokens)
+        table = llm.speech_embedding if "CosyVoice3" in type(llm).__name__ else llm.llm_embedding
+        sos = int(getattr(llm, "sos", getattr(llm, "sos_eos", 0)))
+        parts = [table.weight[sos].reshape(1, 1, -1), text_emb, table.weight[int(llm.task_id)].reshape(1, 1, -1)]
+        if prompt_speech_token.shape[1]:
+            parts.append(llm.speech_embedding(prompt_speech_token.to(device)))
+        return torch.cat([p.to(dtype) for p in parts], dim=1)
+
+
 class BatchedQwen2LM:
     """Prefill one stream into its slot; decode all active slots by one token in one step."""
 
@@ -60,7 +75,6 @@ class BatchedQwen2LM:
         self.rules = rules
         self.dtype = dtype
         self.device = device
-        self.cos3 = "CosyVoice3" in type(llm).__name__
         shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -72,16 +86,7 @@ class BatchedQwen2LM:
 
     def lm_input(self, text: torch.Tensor, prompt_text: torch.Tensor,
                  prompt_speech_token: torch.Tensor) -> torch.Tensor:
-        """[1, T, hidden]: sos, prompt text + text, task id, prompt speech tokens (the library's layout)."""
-        llm = self.llm
-        tokens = torch.cat([prompt_text, text], dim=1).to(self.device)
-        text_emb = self.embed_tokens(tokens)
-        table = llm.speech_embedding if self.cos3 else llm.llm_embedding
-        sos = int(getattr(llm, "sos", getattr(llm, "sos_eos", 0)))
-        parts = [table.weight[sos].reshape(1, 1, -1), text_emb, table.weight[int(llm.task_id)].reshape(1, 1, -1)]
-        if prompt_speech_token.shape[1]:
-            parts.append(self.speech_embedding(prompt_speech_token.to(self.device)))
-        return torch.cat(parts, dim=1).to(self.dtype)
+        return lm_input(self.llm, text, prompt_text, prompt_speech_token, self.dtype, self.device)
 
     # --- the transformer ---------------------------------------------------------------------
 
@@ -281,9 +286,8 @@ class TorchBackend:
         piece = stream.piece
         inp = piece.inputs
         empty = torch.zeros(1, 0, dtype=torch.int32)
-        with torch.inference_mode():
-            lm_input = self.lm.lm_input(inp["text"], inp["prompt_text"], inp.get("llm_prompt_speech_token", empty))
-        t = lm_input.shape[1]
+        embeds = self.lm.lm_input(inp["text"], inp["prompt_text"], inp.get("llm_prompt_speech_token", empty))
+        t = embeds.shape[1]
         room = self.lm.max_len - t - 1
         if room < 1:
             from .base import EngineError
@@ -299,7 +303,7 @@ class TorchBackend:
         i.steps[slot] = 0
         i.min_len[slot] = piece.min_tokens
         i.pos[slot] = t
-        token = self.lm.first_token(slot, self.lm.prefill(slot, lm_input), i)
+        token = self.lm.first_token(slot, self.lm.prefill(slot, embeds), i)
         self.lengths[slot] = t + 1
         return [int(token.item())]
 
