@@ -1,23 +1,20 @@
-"""`cosy bench gpu`: the cosyvoice engine through broker + worker, time to first chunk and RTF at 1/4/8 streams
-in flight on one GPU, against a direct in-process call of the CosyVoice library (the floor) in the same run.
+"""`cosy bench gpu`: the cosyvoice engine's two schedulers in the same run: cosy's pipeline against the library's
+own per-request loop (the floor), first chunk and throughput at 1, 4 and 8 streams (16 on a GPU).
 
-Runs only where CUDA and a CosyVoice model folder exist: COSY_MODEL_DIR must name a folder with
-cosyvoice2.yaml / cosyvoice3.yaml; otherwise it says why and skips. COSY_BENCH_GPU_TEXT replaces the text
-(with bench/full_cosyvoice.py's random model a text of n bytes always gives 0.8 n seconds of audio) and
-COSY_BENCH_GPU_STREAMS the stream counts (default 1,4,8).
+    cosy bench gpu --device cpu               # the generated tiny model (tests/tiny_cosyvoice.py), on the CPU
+    cosy bench gpu --model-dir DIR            # a real or bench/full_cosyvoice.py model, on CUDA
+    COSY_BENCH_GPU_STREAMS=1,4 COSY_BENCH_GPU_TEXT=... cosy bench gpu ...
 
-Both sides load the model once, side by side (the floor in a child process, `python -m cosy.bench.gpu floor
-MODEL_DIR - TEXT JOBS CAPACITY`, the worker behind a broker), and are then measured one after the other for each
-N (floor, then cosy), so the GPU is never shared while timing and a run cut short still has whole rows (each
-printed as it is done). Each side keeps N jobs in flight until 3 N (--quick: 2 N) are done (a closed loop),
-timing each job's first chunk; RTF is the loop's wall time over the audio seconds it produced. The floor's N
-threads call the library's `inference_zero_shot(..., stream=True)` directly with the voice's cached prompt
-features (the same call the engine makes, minus broker, worker and sockets). The library's shared
-`token_hop_len` is reset before each floor job, as the engine does, or every job after a thread's first would
-start with a larger first chunk. `python -m cosy.bench.gpu floor MODEL_DIR 1,4,8 TEXT` runs the floor alone.
+Each scheduler loads the model in a child process of its own (`python -m cosy.bench.gpu serve ...`), one after
+the other, so the two never share the device while they are timed. In the child the engine is driven directly
+(``engine.start(request, sink)``: the worker's own call, minus the sockets, which `cosy bench transport` measures
+at under a millisecond), after the engine's warm-up. For each N it keeps N jobs in flight until ``jobs_per_stream
+x N`` are done (a closed loop) and records each job's first chunk; ``audio_s_per_s`` is the loop's audio seconds
+over its wall time, ``rtf`` the mean over jobs of job time over job audio.
 
-Measured on an H100 with bench/full_cosyvoice.py's model, the library runs at RTF about 2 (docs/performance.md):
-a full run at 1/4/8 with --quick and a 6-byte text takes about 10 minutes.
+With random weights the LLM never stops early: a text of n bytes is 20 n speech tokens, 0.8 n seconds of audio,
+for either scheduler. With the cosy scheduler the run also stores the measured capacity (the most streams with a
+mean RTF <= 0.5) in the engine's cache folder, where the next worker start reads it (`cosy status` says "bench").
 """
 
 from __future__ import annotations
@@ -33,209 +30,237 @@ from pathlib import Path
 from typing import Any
 
 from cosy.bench import common as C
-from cosy.bench.loop import CosyLoopClient, closed_loop
 
-TEXT = "Streaming speech should start quickly, and keep flowing while the rest of the sentence is still rendered."
-STREAMS = (1, 4, 8)
-JOBS_PER_STREAM = 3
-
-
-def _why_not() -> str | None:
-    model = os.environ.get("COSY_MODEL_DIR")
-    if not model or not any((Path(model) / f).is_file() for f in ("cosyvoice2.yaml", "cosyvoice3.yaml")):
-        return "no CosyVoice model folder (set COSY_MODEL_DIR)"
-    probe = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"],
-                           capture_output=True, timeout=120)
-    if probe.returncode != 0:
-        return "no CUDA (torch missing or no GPU visible)"
-    return None
+TEXTS = {"cpu": "Hello there.", "cuda": "Streaming speech should start quickly, and keep flowing while it is made."}
+STREAMS = {"cpu": (1, 4, 8), "cuda": (1, 4, 8, 16)}
+JOBS_PER_STREAM = 2
+SCHEDULERS = ("library", "cosy")
+TARGETS = {
+    "cpu": {"first chunk <= 0.5x the library's at 1 stream": ("ttfc_ratio", 1, 0.5, "<="),
+            "throughput >= 2x the library's at 4 streams": ("throughput_ratio", 4, 2.0, ">=")},
+    "cuda": {"first chunk <= 150 ms at 1 stream": ("first_chunk_p50_ms", 1, 150.0, "<="),
+             "first chunk <= 400 ms at 4 streams": ("first_chunk_p50_ms", 4, 400.0, "<="),
+             "RTF <= 0.1 at 1 stream": ("rtf", 1, 0.1, "<="),
+             ">= 30 s of audio per second at 16 streams": ("audio_s_per_s", 16, 30.0, ">=")},
+}
 
 
-def _ms(seconds: list[float]) -> dict[str, float]:
-    k = C.ms_summary(seconds)
-    return {"p50": round(k["p50"], 1), "p99": round(k["p99"], 1), "n": k["n"]}
+# --- the child: one engine, measured -----------------------------------------------------------------------
 
 
-class Floor:
-    """The library loaded in this process (through the engine's loader, so fp16, hop isolation and the cached
-    prompt features are the same as the worker's), called directly."""
+class _Job:
+    def __init__(self, loop: _Loop) -> None:
+        self.loop = loop
+        self.t0 = time.perf_counter()
+        self.first: float | None = None
+        self.samples = 0
 
-    def __init__(self, model_dir: str, capacity: int, text: str) -> None:
-        import torch
+    def audio(self, pcm: Any) -> None:
+        if self.first is None:
+            self.first = time.perf_counter() - self.t0
+        self.samples += len(pcm)
 
-        from cosy.workers.engines import SynthesisRequest, load_engine
+    def done(self) -> None:
+        self.loop.finish(self, None)
 
-        t0 = time.perf_counter()
-        self.engine = load_engine("cosyvoice", model_dir=model_dir, capacity=str(capacity))
-        self.load_s = time.perf_counter() - t0
-        self.text = text
-        self.voice = self.engine.default_voice
-        self.tts = self.engine._tts  # the library object itself: called directly, without cosy's worker
-        self.spk = self.engine._speaker(self.voice)
-        self.empty_prompt = "" if self.engine._prompt_kind == "path" else torch.zeros(1, 0)
-        for _ in self.engine.synthesize(SynthesisRequest(text, self.voice)):  # warm-up: CUDA kernels, allocator
-            pass
-        self.info = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                     "torch": torch.__version__, "engine_model": self.engine.model, "voice": self.voice,
-                     "load_s": round(self.load_s, 1)}
-
-    def _jobs(self, count: int, ttfc: list[float], samples: list[int], lock: threading.Lock) -> None:
-        hop = self.engine._hop
-        for _ in range(count):
-            if hop is not None:
-                hop.reset()
-            t_job = time.perf_counter()
-            first = None
-            n = 0
-            for o in self.tts.inference_zero_shot(self.text, "", self.empty_prompt, zero_shot_spk_id=self.spk,
-                                                  stream=True):
-                if first is None:
-                    first = time.perf_counter() - t_job
-                n += o["tts_speech"].shape[-1]
-            with lock:
-                ttfc.append(first if first is not None else float("nan"))
-                samples.append(n)
-
-    def measure(self, streams: int, jobs_per_stream: int) -> dict[str, Any]:
-        """`streams` threads, each running `jobs_per_stream` jobs back to back."""
-        ttfc: list[float] = []
-        samples: list[int] = []
-        lock = threading.Lock()
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=self._jobs, args=(jobs_per_stream, ttfc, samples, lock))
-                   for _ in range(streams)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        rate = self.engine.sample_rate
-        audio_s = sum(samples) / rate
-        return {"ttfc_ms": _ms(ttfc), "rtf": round(wall / audio_s, 4) if audio_s else None,
-                "audio_s_per_job": round(statistics.fmean(samples) / rate, 3) if samples else None,
-                "jobs": len(samples), "wall_s": round(wall, 2)}
+    def failed(self, error: BaseException) -> None:
+        self.loop.finish(self, error)
 
 
-def floor(model_dir: str, streams: list[int], text: str, jobs_per_stream: int = JOBS_PER_STREAM) -> dict[str, Any]:
-    """Direct library calls for each N in `streams`."""
-    fl = Floor(model_dir, max(streams), text)
-    out: dict[str, Any] = {**fl.info, "streams": {}}
-    for n in streams:
-        out["streams"][str(n)] = fl.measure(n, jobs_per_stream)
-        print(f"  floor {n} streams: {json.dumps(out['streams'][str(n)])}", file=sys.stderr, flush=True)
-    fl.engine.close()
-    return out
+class _Loop:
+    """N jobs in flight until ``total`` are done."""
+
+    def __init__(self, engine: Any, text: str, streams: int, total: int) -> None:
+        self.engine, self.text, self.total = engine, text, total
+        self.cond = threading.Condition()
+        self.started = 0
+        self.results: list[tuple[float, float, int]] = []  # first chunk s, job s, samples
+        self.errors: list[str] = []
+        self.t0 = time.perf_counter()
+        for _ in range(min(streams, total)):
+            self._start()
+
+    def _start(self) -> None:
+        from cosy.workers.engines.base import SynthesisRequest
+
+        self.started += 1
+        job = _Job(self)
+        self.engine.start(SynthesisRequest(self.text, self.engine.default_voice, run=f"bench-{self.started}",
+                                           job=f"bench-{self.started}"), job)
+
+    def finish(self, job: _Job, error: BaseException | None) -> None:
+        with self.cond:
+            if error is not None:
+                self.errors.append(f"{error.__class__.__name__}: {error}")
+            else:
+                self.results.append((job.first or float("nan"), time.perf_counter() - job.t0, job.samples))
+            if self.started < self.total:
+                self._start()
+            self.cond.notify_all()
+
+    def wait(self, timeout: float) -> float:
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.results) + len(self.errors) >= self.total, timeout)
+        return time.perf_counter() - self.t0
 
 
-def _serve_floor(model_dir: str, capacity: int, text: str, jobs_per_stream: int) -> None:
-    """The child's side of run(): load, print the info line, then one result line per N read from stdin."""
-    fl = Floor(model_dir, capacity, text)
-    print(json.dumps(fl.info), flush=True)
+def measure(engine: Any, text: str, streams: int, jobs_per_stream: int, timeout: float = 1800) -> dict[str, Any]:
+    loop = _Loop(engine, text, streams, streams * jobs_per_stream)
+    wall = loop.wait(timeout)
+    rate = engine.sample_rate
+    audio_s = sum(r[2] for r in loop.results) / rate
+    firsts = [r[0] for r in loop.results]
+    k = C.ms_summary(firsts)
+    rtfs = [r[1] / (r[2] / rate) for r in loop.results if r[2]]
+    return {"streams": streams, "jobs": len(loop.results), "failed": len(loop.errors), "errors": loop.errors[:3],
+            "first_chunk_p50_ms": round(k["p50"], 1), "first_chunk_p99_ms": round(k["p99"], 1),
+            "audio_s_per_s": round(audio_s / wall, 3) if wall else None,
+            "rtf": round(statistics.fmean(rtfs), 4) if rtfs else None, "wall_s": round(wall, 2),
+            "audio_s_per_job": round(audio_s / len(loop.results), 3) if loop.results else None}
+
+
+def serve(model_dir: str, scheduler: str, capacity: int) -> None:
+    """The child: load, warm up, print an info line, then one result line per "N JOBS TEXT" line on stdin."""
+    import torch
+
+    from cosy.workers.engines import load_engine
+
+    t0 = time.perf_counter()
+    engine = load_engine("cosyvoice", model_dir=model_dir, capacity=str(capacity), scheduler=scheduler,
+                         max_batch=str(max(capacity, 1)), text_frontend="false")
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    engine.warm_up()
+    info = {"scheduler": scheduler, "load_s": round(load_s, 1), "warm_up_s": round(time.perf_counter() - t1, 1),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "engine_model": engine.model,
+            "pipeline": {k: v for k, v in getattr(engine, "_pipeline_info", {}).items() if k != "schedule"}}
+    print(json.dumps(info, default=str), flush=True)
+    rows = []
     for line in sys.stdin:
-        if line.strip():
-            print(json.dumps(fl.measure(int(line), jobs_per_stream)), flush=True)
-    fl.engine.close()
+        if not line.strip():
+            continue
+        n, jobs, text = line.rstrip("\n").split(" ", 2)
+        row = measure(engine, text, int(n), int(jobs))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if scheduler == "cosy" and len(rows) > 1:
+        from cosy.workers.engines.cosyvoice_setup import TARGET_RTF, save_capacity
+
+        fits = [r["streams"] for r in rows if r["rtf"] is not None and r["rtf"] <= TARGET_RTF and not r["failed"]]
+        path = save_capacity(engine, max(fits) if fits else 1, {r["streams"]: r["rtf"] for r in rows}, "cosy bench gpu")
+        print(f"  capacity {max(fits) if fits else 1} stored in {path}", file=sys.stderr, flush=True)
+    engine.close()
 
 
-def _floor_line(child: subprocess.Popen) -> dict[str, Any]:
+# --- the parent: both schedulers, one after the other ---------------------------------------------------------
+
+
+def _line(child: subprocess.Popen) -> dict[str, Any]:
     assert child.stdout is not None
     while True:
         line = child.stdout.readline()
         if not line:
-            raise RuntimeError(f"the floor process ended ({child.wait()}): see its output above")
+            raise RuntimeError(f"the benchmark child ended ({child.wait()}): see its output above")
         if line.startswith("{"):  # the library prints to stdout too
             return json.loads(line)
 
 
-class _CountingClient(CosyLoopClient):
-    """cosy's client, also adding up the audio of completed jobs (for RTF)."""
+def tiny_model(root: Path) -> Path:
+    """The tests' generated tiny CosyVoice2 model and a voice, made once under ``root``."""
+    model = root / "model"
+    if not (model / "llm.pt").is_file():
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from tiny_cosyvoice import make_tiny_model
 
-    def __init__(self, runtime_dir: Path, text: str) -> None:
-        super().__init__(runtime_dir, text=text)
-        self.samples = 0
-        self.rate = 0
-
-    def on_completed(self, event: Any) -> None:
-        self.samples += len(event.audio)
-        self.rate = event.sample_rate
+        make_tiny_model(model)
+    return model
 
 
-def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
-    why = _why_not()
+def _why_not(device: str, model_dir: str | None) -> str | None:
+    probe = subprocess.run([sys.executable, "-c", "import torch, cosyvoice, sys; "
+                            "sys.exit(0 if torch.cuda.is_available() else 3)"], capture_output=True, timeout=300)
+    if probe.returncode not in (0, 3):
+        return "torch or the CosyVoice library is not importable here (scripts/setup-cosyvoice-env.sh, docs/gpu.md)"
+    if device == "cuda" and probe.returncode == 3:
+        return "no CUDA (use --device cpu for the tiny model on the CPU)"
+    if device == "cuda" and not model_dir:
+        return "no model folder: --model-dir DIR or COSY_MODEL_DIR (bench/full_cosyvoice.py makes a random one)"
+    return None
+
+
+def run(out_dir: Path, quick: bool = False, device: str = "auto", model_dir: str | None = None) -> dict[str, Any]:
+    model_dir = model_dir or os.environ.get("COSY_MODEL_DIR")
+    if device == "auto":
+        device = "cuda" if model_dir else "cpu"
+    base = {"suite": "gpu", "device": device, "machine": C.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    why = _why_not(device, model_dir)
     if why:
         print(f"  skipped: {why}")
-        return {"suite": "gpu", "skipped": why, "machine": C.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    model = os.environ["COSY_MODEL_DIR"]
-    text = os.environ.get("COSY_BENCH_GPU_TEXT") or TEXT
-    per_stream = 2 if quick else JOBS_PER_STREAM
+        return {**base, "skipped": why}
+    env = dict(os.environ)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, even on a machine with a GPU
+        if not model_dir:
+            root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cosy" / "bench-tiny"
+            model_dir = str(tiny_model(root))
+    text = os.environ.get("COSY_BENCH_GPU_TEXT") or TEXTS[device]
     wanted = [int(x) for x in os.environ.get("COSY_BENCH_GPU_STREAMS", "").split(",") if x.strip()]
-    stream_counts = tuple(wanted) or STREAMS
-    rows = []
-    procs = C.Procs("cosy-bg-")
-    child = subprocess.Popen([sys.executable, "-m", "cosy.bench.gpu", "floor", model, "-", text, str(per_stream),
-                              str(max(stream_counts))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        procs.broker()
-        t_load = time.perf_counter()
-        procs.worker("cosyvoice", "bench-gpu", {"model_dir": model, "capacity": max(stream_counts)})
-        fl = _floor_line(child)  # both load at once; the GPU is idle for one while the other is measured
-        procs.wait_workers(1, timeout=600)
-        worker_load_s = time.perf_counter() - t_load
-        print(f"  loaded: floor {fl['load_s']} s, worker {worker_load_s:.0f} s ({fl['gpu']}, {fl['engine_model']})",
-              file=sys.stderr, flush=True)
-        client = _CountingClient(procs.dir, text)
+    streams = tuple(wanted) or STREAMS[device]
+    per_stream = 1 if quick else JOBS_PER_STREAM
+    rows: list[dict[str, Any]] = []
+    infos: dict[str, Any] = {}
+    for scheduler in SCHEDULERS:
+        child = subprocess.Popen([sys.executable, "-m", "cosy.bench.gpu", "serve", model_dir, scheduler,
+                                  str(max(streams))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env=env)
         try:
-            warm = closed_loop(client, 1, 1, 600)  # warm-up: CUDA kernels, allocator
-            if len(warm.total_s) != 1:
-                raise RuntimeError(f"the warm-up job did not complete; worker log: {procs.log('bench-gpu')}")
-            for n in stream_counts:  # floor, then cosy, per N: a run cut short still has whole rows
-                assert child.stdin is not None
-                child.stdin.write(f"{n}\n")
+            infos[scheduler] = _line(child)
+            print(f"  {scheduler}: loaded in {infos[scheduler]['load_s']} s, warm in {infos[scheduler]['warm_up_s']} s "
+                  f"({infos[scheduler]['device']}, {infos[scheduler]['engine_model']})", file=sys.stderr, flush=True)
+            assert child.stdin is not None
+            for n in streams:
+                child.stdin.write(f"{n} {per_stream} {text}\n")
                 child.stdin.flush()
-                f = _floor_line(child)
-                print(f"  floor {n} streams: {json.dumps(f)}", file=sys.stderr, flush=True)
-                client.samples = 0
-                res = closed_loop(client, n, per_stream * n, 900)
-                audio_s = client.samples / client.rate if client.rate else 0.0
-                k = _ms(res.ttfc_s)
-                rows.append({"streams": n, "ttfc_p50_ms": k["p50"], "ttfc_p99_ms": k["p99"], "jobs": len(res.total_s),
-                             "failed": res.failed, "rtf": round(res.elapsed_s / audio_s, 4) if audio_s else None,
-                             "audio_s_per_job": round(audio_s / len(res.total_s), 3) if res.total_s else None,
-                             "floor_ttfc_p50_ms": f["ttfc_ms"]["p50"], "floor_ttfc_p99_ms": f["ttfc_ms"]["p99"],
-                             "floor_rtf": f["rtf"], "floor_audio_s_per_job": f["audio_s_per_job"],
-                             "ratio_p50": C.ratio(k["p50"], f["ttfc_ms"]["p50"]),
-                             "rtf_ratio": C.ratio(res.elapsed_s / audio_s, f["rtf"]) if audio_s and f["rtf"] else None,
-                             "jobs_per_s": round(res.jobs_per_s, 3)})
-                print(f"  cosy {n} streams: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+                row = {"scheduler": scheduler, **_line(child)}
+                rows.append(row)
+                print(f"  {scheduler} {n} streams: {json.dumps(row)}", file=sys.stderr, flush=True)
+            child.stdin.close()
+            child.wait(300)
         finally:
-            client.close()
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
-        procs.stop()
-    by_n = {r["streams"]: r for r in rows}
-    data = {"suite": "gpu", "model_dir": model, "text": text, "jobs_per_stream": per_stream, "streams": rows,
-            "gpu": fl["gpu"], "torch": fl["torch"], "engine_model": fl["engine_model"], "voice": fl["voice"],
-            "floor_load_s": fl["load_s"], "worker_load_s": round(worker_load_s, 1), "machine": C.machine(),
-            "targets": {"<= 150 ms at 1 stream": by_n[1]["ttfc_p50_ms"] <= 150 if 1 in by_n else None,
-                        "<= 400 ms at 4 streams": by_n[4]["ttfc_p50_ms"] <= 400 if 4 in by_n else None},
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    print(C.table(["streams", "cosy ttfc p50", "p99", "library p50", "p99", "ratio", "cosy RTF", "library RTF",
-                   "jobs/s"],
-                  [[r["streams"], r["ttfc_p50_ms"], r["ttfc_p99_ms"], r["floor_ttfc_p50_ms"], r["floor_ttfc_p99_ms"],
-                    r["ratio_p50"], r["rtf"], r["floor_rtf"], r["jobs_per_s"]] for r in rows]))
-    C.bar_plot(out_dir, "gpu", "CosyVoice time to first chunk, p50", [f"{r['streams']} streams" for r in rows],
-               {"cosy": [r["ttfc_p50_ms"] for r in rows], "library in-process": [r["floor_ttfc_p50_ms"] for r in rows]},
-               "ms")
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+    by = {(r["scheduler"], r["streams"]): r for r in rows}
+    ratios = []
+    for n in streams:
+        cosy, lib = by.get(("cosy", n)), by.get(("library", n))
+        if cosy and lib:
+            ratios.append({"streams": n, "ttfc_ratio": C.ratio(cosy["first_chunk_p50_ms"], lib["first_chunk_p50_ms"]),
+                           "throughput_ratio": C.ratio(cosy["audio_s_per_s"] or 0, lib["audio_s_per_s"] or 0)})
+    targets = {}
+    for name, (key, n, limit, op) in TARGETS[device].items():
+        source = next((r for r in ratios if r["streams"] == n), None) if key.endswith("ratio") else by.get(("cosy", n))
+        value = source.get(key) if source else None
+        targets[name] = None if value is None else (value <= limit if op == "<=" else value >= limit)
+    data = {**base, "model_dir": model_dir, "text": text, "text_bytes": len(text.encode()),
+            "jobs_per_stream": per_stream, "rows": rows, "ratios": ratios, "targets": targets, "engines": infos}
+    print(C.table(["scheduler", "streams", "first chunk p50 ms", "p99", "audio s/s", "RTF", "jobs", "failed"],
+                  [[r["scheduler"], r["streams"], r["first_chunk_p50_ms"], r["first_chunk_p99_ms"], r["audio_s_per_s"],
+                    r["rtf"], r["jobs"], r["failed"]] for r in rows]))
+    print(C.table(["streams", "first chunk cosy/library", "throughput cosy/library"],
+                  [[r["streams"], r["ttfc_ratio"], r["throughput_ratio"]] for r in ratios]))
+    for name, ok in targets.items():
+        print(f"  target {name}: {'met' if ok else 'missed' if ok is not None else 'not measured'}")
+    groups = [f"{n} streams" for n in streams]
+    C.bar_plot(out_dir, "gpu", f"CosyVoice first chunk p50 ({device})", groups,
+               {s: [by[(s, n)]["first_chunk_p50_ms"] if (s, n) in by else 0 for n in streams] for s in SCHEDULERS},
+               "ms", log=True)
+    C.bar_plot(out_dir, "gpu-throughput", f"CosyVoice audio seconds per second ({device})", groups,
+               {s: [(by[(s, n)]["audio_s_per_s"] or 0) if (s, n) in by else 0 for n in streams] for s in SCHEDULERS},
+               "audio s / s")
     return data
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["floor"]:
-    # floor MODEL_DIR 1,4,8 TEXT [JOBS_PER_STREAM]: measure each N, print one JSON object
-    # floor MODEL_DIR - TEXT JOBS_PER_STREAM CAPACITY: load, then measure each N read from stdin (used by run())
-    _per = int(sys.argv[5]) if len(sys.argv) > 5 else JOBS_PER_STREAM
-    if sys.argv[3] == "-":
-        _serve_floor(sys.argv[2], int(sys.argv[6]) if len(sys.argv) > 6 else max(STREAMS), sys.argv[4], _per)
-    else:
-        print(json.dumps(floor(sys.argv[2], [int(x) for x in sys.argv[3].split(",")], sys.argv[4], _per)))
+if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
+    serve(sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -144,7 +144,10 @@ def test_audio_equals_the_library_stream_for_the_same_chunk_boundaries(engine: A
         return plain_chunk(*args, **kwargs)
 
     engine._hop.reset()
-    library_schedule = dataclasses.replace(schedule, first_hop=engine._hop.initial)
+    hop = engine._hop.initial  # the loaded library's own schedule (the PyPI fork does not grow its hop)
+    library_schedule = dataclasses.replace(schedule, first_hop=hop, hop=hop,
+                                           max_hop=getattr(model, "token_max_hop_len", hop),
+                                           scale=getattr(model, "stream_scale_factor", 1))
     pipeline.schedule = library_schedule
     vocoder.chunk = seeded_chunk
     try:
@@ -517,3 +520,49 @@ def test_the_vllm_backend_steps_every_stream_from_the_loop_thread(
     assert len(vllm.step_threads) == 1  # one thread steps vLLM for every stream
     assert len(vllm.aborted) == 1 and not vllm.requests  # the cancelled request was aborted in vLLM
     assert all(len(shape) == 2 and shape[1] == llm.llm_input_size for shape in vllm.prompts)
+
+
+# --- CosyVoice3 (the upstream library only: the PyPI copy has no CosyVoice3) ------------------------------------
+
+
+def _has_cosyvoice3() -> bool:
+    if MISSING:
+        return False
+    from cosyvoice.cli import cosyvoice as cli
+
+    return hasattr(cli, "CosyVoice3")
+
+
+needs_cosyvoice3 = pytest.mark.skipif(
+    not _has_cosyvoice3(), reason="CosyVoice3 needs the upstream library (scripts/upstream-env.sh): the PyPI copy "
+                                  "cosyvoice2-eu has only CosyVoice2")
+
+
+@pytest.fixture(scope="module")
+def engine3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tiny_cosyvoice import make_tiny_cosyvoice3, make_voice
+
+    from cosy.workers.engines import load_engine
+
+    root = tmp_path_factory.mktemp("cosyvoice3")
+    make_voice(root / "voices", "tiny")
+    eng = load_engine("cosyvoice", model_dir=str(make_tiny_cosyvoice3(root / "model")),
+                      voices_dir=str(root / "voices"), cache_dir=str(root / "cache"), text_frontend="false",
+                      capacity="2", llm_dtype="float64")
+    assert eng.family == "CosyVoice3" and eng.scheduler == "cosy"
+    yield eng
+    eng.close()
+
+
+@needs_cosyvoice3
+def test_cosyvoice3_streams_the_library_tokens_through_the_pipeline(engine3: Any) -> None:
+    with greedy(engine3):
+        request, sink = _job(engine3, "Hi there", "tiny")
+        chunks = sink.wait(120)
+        inputs = engine3.model_inputs(request)[0]
+        theirs = _library_tokens(engine3, inputs)
+    (_, _, tokens, scheduled), = [p for p in engine3._pipeline.finished if p[0] == request.run]
+    assert tokens == theirs and len(tokens) == 8 * 20
+    assert scheduled[0] == 15 + 3
+    assert sum(len(c) for c in chunks) == len(tokens) * SAMPLES_PER_TOKEN
+    assert all(np.isfinite(c).all() for c in chunks)

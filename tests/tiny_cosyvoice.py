@@ -13,6 +13,11 @@ its ``load()`` expects: a renamed parameter or class in the library fails loadin
 
 Deterministic length: the LLM head's bias makes every stop token impossible, so the LLM always emits its
 maximum, ``MAX_TOKEN_TEXT_RATIO`` speech tokens per text token (25 tokens/s, 960 samples per token at 24 kHz).
+
+``make_tiny_cosyvoice3`` writes the same for CosyVoice3 (Fun-CosyVoice3-0.5B's layout: cosyvoice3.yaml,
+speech_tokenizer_v3.onnx; CosyVoice3LM, the DiT flow CausalMaskedDiffWithDiT, CausalHiFTGenerator). It needs
+a CosyVoice library that has CosyVoice3 (upstream's; the PyPI fork cosyvoice2-eu has not): see
+scripts/upstream-env.sh. Same deterministic length, by another route (CosyVoice3LM's head has no bias).
 """
 
 from __future__ import annotations
@@ -31,6 +36,15 @@ MAX_TOKEN_TEXT_RATIO = 20  # the library's default in Qwen2LM.inference
 SAMPLE_RATE = 24000
 SAMPLES_PER_TOKEN = 960  # 24 kHz / 25 Hz
 HIFT_CACHE_SAMPLES = 8 * 480  # CosyVoice2Model.source_cache_len: held back from each streamed chunk
+
+# CosyVoice3: Qwen2's special-token ids matter, CosyVoice3LM.inference asserts <|endofprompt|> (151646) in the text.
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|endofprompt|>")  # ids 151643.. as in Qwen2
+QWEN_SPECIALS_AT = 151643
+ENDOFPROMPT = 151646
+QWEN_VOCAB = 151936  # Qwen2's embedding rows: room for the ~280 tokens CosyVoice3's tokenizer adds after 151646
+HIDDEN3 = 16  # 151936 embedding rows: the hidden size is what keeps the CosyVoice3 LLM small
+# CosyVoice3Model.silent_tokens: llm_job drops runs of more than 5 of them, so the tiny LLM never emits them.
+SILENT_TOKENS3 = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)
 
 CONFIG = """\
 # {title}
@@ -150,6 +164,114 @@ feat_extractor: !name:matcha.utils.audio.mel_spectrogram
     center: False
 """
 
+CONFIG3 = """\
+# {title}
+sample_rate: 24000
+llm_input_size: {hidden}
+llm_output_size: {hidden}
+spk_embed_dim: 192
+qwen_pretrain_path: ''
+token_frame_rate: 25
+token_mel_ratio: 2
+chunk_size: 25
+num_decoding_left_chunks: -1
+
+llm: !new:cosyvoice.llm.llm.CosyVoice3LM
+    llm_input_size: !ref <llm_input_size>
+    llm_output_size: !ref <llm_output_size>
+    speech_token_size: {speech_tokens}
+    length_normalized_loss: True
+    lsm_weight: 0
+    mix_ratio: [5, 15]
+    llm: !new:cosyvoice.llm.llm.Qwen2Encoder
+        pretrain_path: !ref <qwen_pretrain_path>
+    sampling: !name:cosyvoice.utils.common.ras_sampling
+        top_p: 0.8
+        top_k: 25
+        win_size: 10
+        tau_r: 0.1
+
+flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
+    input_size: 80
+    output_size: 80
+    spk_embed_dim: !ref <spk_embed_dim>
+    output_type: 'mel'
+    vocab_size: {speech_tokens}
+    input_frame_rate: !ref <token_frame_rate>
+    only_mask_loss: True
+    token_mel_ratio: !ref <token_mel_ratio>
+    pre_lookahead_len: 3
+    pre_lookahead_layer: !new:cosyvoice.transformer.upsample_encoder.PreLookaheadLayer
+        in_channels: 80
+        channels: {lookahead_channels}
+        pre_lookahead_len: 3
+    decoder: !new:cosyvoice.flow.flow_matching.CausalConditionalCFM
+        in_channels: 240
+        n_spks: 1
+        spk_emb_dim: 80
+        cfm_params: !new:omegaconf.DictConfig
+            content:
+                sigma_min: 1e-06
+                solver: 'euler'
+                t_scheduler: 'cosine'
+                training_cfg_rate: 0.2
+                inference_cfg_rate: 0.7
+                reg_loss_type: 'l1'
+        estimator: !new:cosyvoice.flow.DiT.dit.DiT
+            dim: {dit_dim}  # a multiple of 16: the DiT's convolutional position embedding has 16 groups
+            depth: {dit_depth}
+            heads: {dit_heads}
+            dim_head: {dit_head_dim}
+            ff_mult: 2
+            mel_dim: 80
+            mu_dim: 80
+            spk_dim: 80
+            out_channels: 80
+            static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
+            num_decoding_left_chunks: !ref <num_decoding_left_chunks>
+
+hift: !new:cosyvoice.hifigan.generator.CausalHiFTGenerator
+    in_channels: 80
+    base_channels: {hift_channels}
+    nb_harmonics: 8
+    sampling_rate: !ref <sample_rate>
+    nsf_alpha: 0.1
+    nsf_sigma: 0.003
+    nsf_voiced_threshold: 10
+    upsample_rates: [8, 5, 3]
+    upsample_kernel_sizes: [16, 11, 7]
+    istft_params:
+        n_fft: 16
+        hop_len: 4
+    resblock_kernel_sizes: {hift_kernels}
+    resblock_dilation_sizes: {hift_dilations}
+    source_resblock_kernel_sizes: [7, 7, 11]
+    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    lrelu_slope: 0.1
+    audio_limit: 0.99
+    conv_pre_look_right: 4
+    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor
+        num_class: 1
+        in_channels: 80
+        cond_channels: {f0_channels}
+
+get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
+    token_path: !ref <qwen_pretrain_path>
+    skip_special_tokens: True
+    version: cosyvoice3
+allowed_special: 'all'
+
+feat_extractor: !name:matcha.utils.audio.mel_spectrogram
+    n_fft: 1920
+    num_mels: 80
+    sampling_rate: !ref <sample_rate>
+    hop_size: 480
+    win_size: 1920
+    fmin: 0
+    fmax: null
+    center: False
+"""
+
 
 def expected_tokens(text: str) -> int:
     """Speech tokens the tiny LLM emits for ``text`` (byte-level tokenizer, stop tokens disabled)."""
@@ -160,20 +282,28 @@ TINY_QWEN = {"hidden_size": HIDDEN, "intermediate_size": 64, "num_hidden_layers"
              "num_key_value_heads": 1, "max_position_embeddings": 4096}
 
 
-def _write_qwen(folder: Path, qwen: dict) -> None:
-    """A random Qwen2 of the given shape with a byte-level BPE tokenizer (every UTF-8 byte one token)."""
+def _write_qwen(folder: Path, qwen: dict, vocab_size: int = TEXT_VOCAB, qwen_ids: bool = False) -> None:
+    """A random Qwen2 of the given shape with a byte-level BPE tokenizer (every UTF-8 byte one token).
+
+    ``qwen_ids``: the tokenizer also has QWEN_SPECIALS at Qwen2's ids (151643..151646), so the library's
+    tokenizer keeps them there and adds its own special tokens after them, as with the real Qwen2."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    bpe = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    specials = QWEN_SPECIALS if qwen_ids else ()
+    vocab.update({token: QWEN_SPECIALS_AT + i for i, token in enumerate(specials)})
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     bpe.decoder = decoders.ByteLevel()
+    if specials:  # in the model's vocabulary *and* added: the added-token ids are then the model's
+        bpe.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(str(folder))
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=TEXT_VOCAB, tie_word_embeddings=True, **qwen)
+    config = Qwen2Config(vocab_size=vocab_size, tie_word_embeddings=True, **qwen)
     Qwen2ForCausalLM(config).save_pretrained(str(folder))
 
 
@@ -226,7 +356,34 @@ def _save_onnx(onnx, model, path: Path) -> None:  # noqa: ANN001 - the onnx modu
     onnx.save(model, str(path))
 
 
-def _write_state_dicts(model_dir: Path, speech_tokens: int) -> dict[str, int]:
+def _no_stop(llm, speech_tokens: int) -> None:  # noqa: ANN001 - the library's Qwen2LM
+    """Stop tokens (speech_token_size and above) can never win: the length is always the maximum."""
+    llm.llm_decoder.weight[speech_tokens:] = 0
+    llm.llm_decoder.bias[speech_tokens:] = -1e4
+
+
+def _no_stop3(llm, speech_tokens: int) -> None:  # noqa: ANN001 - the library's CosyVoice3LM
+    """The same for CosyVoice3LM, whose head has no bias: a constant feature stands in for one.
+
+    Every input embedding (text and speech) gets feature 0 = 10 and no layer writes feature 0, so the
+    residual stream's feature 0 is 10 everywhere: after the final RMSNorm it is positive and dominant (about
+    3; the other features of the random embeddings are N(0, 1) at most). The head's stop rows, and those of
+    CosyVoice3Model's silent tokens, read only that feature, with weight -1e4 (their probabilities underflow
+    to exactly 0); the speech rows ignore it."""
+    qwen = llm.llm.model.model
+    qwen.embed_tokens.weight[:, 0] = 10.0
+    llm.speech_embedding.weight[:, 0] = 10.0
+    for layer in qwen.layers:
+        layer.self_attn.o_proj.weight[0] = 0
+        layer.mlp.down_proj.weight[0] = 0
+    banned = [t for t in SILENT_TOKENS3 if t < speech_tokens] + list(range(speech_tokens, llm.llm_decoder.out_features))
+    llm.llm_decoder.weight[:, 0] = 0
+    llm.llm_decoder.weight[banned] = 0
+    llm.llm_decoder.weight[banned, 0] = -1e4
+
+
+def _write_state_dicts(model_dir: Path, speech_tokens: int, config_name: str = "cosyvoice2.yaml",
+                       no_stop=_no_stop) -> dict[str, int]:  # noqa: ANN001 - _no_stop or _no_stop3
     """Build llm/flow/hift with the library from the config; save their random weights under its file names.
 
     Returns each module's parameter count."""
@@ -234,13 +391,11 @@ def _write_state_dicts(model_dir: Path, speech_tokens: int) -> dict[str, int]:
     from hyperpyyaml import load_hyperpyyaml
 
     torch.manual_seed(0)
-    with open(model_dir / "cosyvoice2.yaml") as f:
+    with open(model_dir / config_name) as f:
         configs = load_hyperpyyaml(f, overrides={"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")})
     llm = configs["llm"]
     with torch.no_grad():
-        # Stop tokens (speech_token_size and above) can never win: the length is always the maximum.
-        llm.llm_decoder.weight[speech_tokens:] = 0
-        llm.llm_decoder.bias[speech_tokens:] = -1e4
+        no_stop(llm, speech_tokens)
     counts = {}
     for name, module in (("llm", llm), ("flow", configs["flow"]), ("hift", configs["hift"])):
         torch.save(module.state_dict(), model_dir / f"{name}.pt")
@@ -282,6 +437,32 @@ def make_tiny_model(model_dir: Path) -> Path:
     return Path(model_dir)
 
 
+TINY_DIMS3 = {"title": "A tiny CosyVoice3 config for tests (generated by tests/tiny_cosyvoice.py). Random weights.",
+              "hidden": HIDDEN3, "speech_tokens": SPEECH_TOKENS, "lookahead_channels": 32, "dit_dim": 32,
+              "dit_depth": 1, "dit_heads": 2, "dit_head_dim": 16, "hift_channels": 16, "hift_kernels": [3],
+              "hift_dilations": [[1, 3, 5]], "f0_channels": 16}
+TINY_QWEN3 = {**TINY_QWEN, "hidden_size": HIDDEN3, "intermediate_size": 32}
+
+
+def make_tiny_cosyvoice3(model_dir: Path) -> Path:
+    """Write a tiny CosyVoice3 model into ``model_dir`` (created); returns it. Needs upstream's library.
+
+    Prompt texts must contain <|endofprompt|> (CosyVoice3LM asserts it): it is one token, 151646, and
+    every other character one byte token, so a text of n UTF-8 bytes gives exactly 20 n speech tokens."""
+    from cosyvoice.llm.llm import CosyVoice3LM  # noqa: F401 - fails early where the library has no CosyVoice3
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "cosyvoice3.yaml").write_text(CONFIG3.format(**TINY_DIMS3))
+    _write_qwen(model_dir / "CosyVoice-BlankEN", TINY_QWEN3, vocab_size=QWEN_VOCAB, qwen_ids=True)
+    _onnx_campplus(model_dir / "campplus.onnx")
+    _onnx_speech_tokenizer(model_dir / "speech_tokenizer_v3.onnx", SPEECH_TOKENS)
+    _write_state_dicts(model_dir, SPEECH_TOKENS, "cosyvoice3.yaml", _no_stop3)
+    (model_dir / "tiny.json").write_text(json.dumps({"speech_tokens": SPEECH_TOKENS, "hidden": HIDDEN3,
+                                                     "family": "CosyVoice3", "note": "random weights, for tests only"}))
+    return model_dir
+
+
 def make_voice(voices_dir: Path, name: str = "tiny", seconds: float = 2.0, rate: int = 22050,
                transcript: str = "A short reference sentence.") -> Path:
     """A voice folder in the registry's layout: voice.json + reference.wav (a chirp with a little noise)."""
@@ -299,5 +480,6 @@ def make_voice(voices_dir: Path, name: str = "tiny", seconds: float = 2.0, rate:
     return folder
 
 
-if __name__ == "__main__":  # python tests/tiny_cosyvoice.py DIR
-    print(make_tiny_model(Path(sys.argv[1])))
+if __name__ == "__main__":  # python tests/tiny_cosyvoice.py DIR [--cosyvoice3]
+    make = make_tiny_cosyvoice3 if "--cosyvoice3" in sys.argv[2:] else make_tiny_model
+    print(make(Path(sys.argv[1])))

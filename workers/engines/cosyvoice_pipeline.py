@@ -45,7 +45,8 @@ MAX_SILENT = 5  # the library keeps at most this many consecutive silent tokens 
 @dataclass(frozen=True)
 class Schedule:
     """When a stream's tokens become audio: the first chunk after ``first_hop`` tokens (plus the flow's look-ahead),
-    then ``hop`` tokens, growing by ``scale`` after each chunk up to ``max_hop`` (the library: 25, x2, 100)."""
+    then hops that grow as the library's do: ``hop`` times ``scale`` after each chunk, up to ``max_hop`` (upstream:
+    25 -> 50, 100, 100...; with scale 1, as in the PyPI fork, every later chunk is ``hop``)."""
 
     first_hop: int = 15
     hop: int = 25
@@ -57,8 +58,8 @@ class Schedule:
         yield self.first_hop
         hop = self.hop
         while True:
-            yield hop
             hop = min(self.max_hop, hop * self.scale)
+            yield hop
 
 
 @dataclass(eq=False)

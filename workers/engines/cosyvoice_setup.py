@@ -116,10 +116,11 @@ def build_pipeline(engine: CosyVoiceEngine, backend: str, vllm: bool, max_batch:
         rules = SamplingRules.from_library(llm)
         lm_backend = TorchBackend(llm, slots=max_batch, max_len=max_len, rules=rules, dtype=dtype, device=device)
         llm.to(device=device, dtype=dtype)  # after the backend read the rotary frequencies in float32
-    # The library's hop growth where it has one (upstream: 25, 50, 100; the PyPI fork keeps 25).
+    # The library's hop growth: 25 -> 50, 100 (upstream's token_hop_len, stream_scale_factor, token_max_hop_len;
+    # the same defaults where an older copy, like the PyPI fork, has no growth: fewer flow passes per job).
     hop = engine._hop.initial if engine._hop is not None else 25
-    schedule = Schedule(first_hop=first_hop, hop=hop, max_hop=int(getattr(model, "token_max_hop_len", hop)),
-                        scale=int(getattr(model, "stream_scale_factor", 1)),
+    schedule = Schedule(first_hop=first_hop, hop=hop, max_hop=int(getattr(model, "token_max_hop_len", 4 * hop)),
+                        scale=int(getattr(model, "stream_scale_factor", 2)),
                         lookahead=int(model.flow.pre_lookahead_len))
     vocoder = LibraryVocoder(model)
     pipeline = Pipeline(lm_backend, vocoder, engine.model_inputs, schedule, token_limits,
