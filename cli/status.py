@@ -61,9 +61,19 @@ def render(st: dict[str, Any]) -> Any:
         m = w.get("metrics", {})
         gpu = describe(m)
         table.add_row(w["name"], str(w["pid"]), w["engine"], w["model"], w["device"],
-                      f"{w['state']} {w['running']}/{w['capacity']}", str(w["jobs_done"]),
+                      f"{w['state']} {w['running']}/{w['capacity']}{_capacity_note(m)}", str(w["jobs_done"]),
                       f"{m.get('mean_ttfc_ms', 0):.0f}", f"{m.get('mean_rtf', 0):.3f}", gpu)
     return Group(head, table)
+
+
+CAPACITY_NOTES = {"warm-up": "measured", "bench": "bench", "option": "set"}
+
+
+def _capacity_note(metrics: dict[str, Any]) -> str:
+    """Where a worker's capacity came from, for engines that say (CosyVoice: measured at warm-up, a `cosy bench
+    gpu` sweep, or the capacity option)."""
+    note = CAPACITY_NOTES.get(str(metrics.get("capacity_source", "")))
+    return f" ({note})" if note else ""
 
 
 def _duration(s: float) -> str:

@@ -213,6 +213,26 @@ def test_voice_folders_are_read_and_broken_ones_skipped(tmp_path: Path) -> None:
     assert list(voices) == ["good"] and voices["good"].transcript == "Hi."
 
 
+def test_status_says_where_a_worker_capacity_came_from() -> None:
+    from rich.console import Console
+
+    from cosy.cli.status import render
+
+    def worker(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "pid": 1, "engine": "cosyvoice", "model": "CosyVoice2", "device": "cuda:0",
+                "state": "idle", "running": 0, "capacity": 6, "jobs_done": 0, "metrics": metrics}
+
+    st = {"broker": {"pid": 1, "uptime_s": 5, "version": "0", "endpoints": {"front": "ipc://x"}}, "queue": {},
+          "running": 0, "counters": {"done": 0, "failed": 0, "retried": 0, "rejected": 0},
+          "workers": [worker("measured", {"capacity_source": "warm-up"}), worker("swept", {"capacity_source": "bench"}),
+                      worker("plain", {})]}
+    console = Console(width=200, record=True)
+    console.print(render(st))
+    lines = {line.split()[1]: line for line in console.export_text().splitlines() if "cosyvoice" in line}
+    assert "0/6 (measured)" in lines["measured"] and "0/6 (bench)" in lines["swept"]
+    assert "(" not in lines["plain"].split("0/6")[1].split()[0]
+
+
 # --- the real library on the tiny model -------------------------------------------------------
 
 
@@ -385,6 +405,8 @@ def test_broker_and_worker_stream_a_job_and_reuse_the_cached_voice(
         assert done[job].sample_rate == 24000 and len(done[job].audio) == len(text) * 20 * 960
 
     metrics = next(w for w in stack.status()["workers"] if w["name"] == name)["metrics"]
+    assert metrics["scheduler"] == engine.scheduler and metrics["capacity_source"] == "option"
+
     assert metrics["voice_prompts_loaded"] == 2 and metrics["voice_prompts_computed"] == 0  # from the cache
     if _expected_device() == "cpu":
         assert gpu.describe(metrics) == "no GPU"

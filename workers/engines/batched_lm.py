@@ -279,6 +279,15 @@ class TorchBackend:
                                  tokens=torch.zeros(slots, **long))
         self.lengths = [0] * slots  # host mirror: cache positions each slot uses after its next step
         self.graphs: GraphedDecode | None = None
+        # The LLM loop's own CUDA stream: on the legacy default stream its steps would serialise with the
+        # vocoder's flow and HiFT instead of overlapping them.
+        self.cuda_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def thread_context(self) -> Any:
+        """What the LLM loop's thread runs under: its CUDA stream (nothing on a CPU)."""
+        import contextlib
+
+        return torch.cuda.stream(self.cuda_stream) if self.cuda_stream is not None else contextlib.nullcontext()
 
     def admit(self, stream: Any, slot: int) -> list[int]:
         from .sampling import fill_uniforms

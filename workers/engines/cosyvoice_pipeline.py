@@ -23,6 +23,7 @@ run one after the other and its audio comes out in order.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -277,6 +278,11 @@ class Pipeline:
     # --- the LLM loop -----------------------------------------------------------------------------
 
     def _llm_loop(self) -> None:
+        context = getattr(self.backend, "thread_context", contextlib.nullcontext)
+        with context():
+            self._llm_turns()
+
+    def _llm_turns(self) -> None:
         while True:
             with self.lock:
                 while not self.closed and not self.active and not self.pending and not self._cancelled_active():
