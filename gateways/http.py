@@ -59,7 +59,7 @@ class HttpConfig:
     retry_after_s: int = 2
     priority: str = P.INTERACTIVE
     voice_aliases: dict[str, str] = field(default_factory=dict)
-    split: bool = True  # long texts as sentence jobs across the workers (cosy/gateways/segments.py)
+    split: bool = True  # long texts as sentence jobs across the workers (gateways/segments.py)
 
 
 class ApiError(Exception):
