@@ -29,6 +29,8 @@ class JobEntry:
     client: str
     submitted: float
     instruct: str = ""
+    prompt_audio: bytes = b""  # the job's own reference voice: only workers that clone take it
+    prompt_text: str = ""
     attempt: int = 0
     run: str = ""
     worker: bytes | None = None
@@ -56,7 +58,9 @@ class WorkerEntry:
     def free(self) -> int:
         return self.info.capacity - len(self.running)
 
-    def serves(self, voice: str | None) -> bool:
+    def serves(self, voice: str | None, clone: bool = False) -> bool:
+        if clone:
+            return self.info.clone
         return voice is None or voice in self.info.voices
 
 
@@ -146,27 +150,31 @@ class Scheduler:
                         break
                     if P.topic(entry.job) not in subscribed and now - entry.submitted < self.subscribe_wait_s:
                         continue
-                    worker = self._best_worker(entry.voice, entry.avoid)
+                    worker = self._best_worker(entry.voice, entry.avoid, bool(entry.prompt_audio))
                     if worker is not None:
                         clients.move_to_end(client)  # the next pick starts with another client
                         return entry, worker
         return None
 
-    def _best_worker(self, voice: str | None, avoid: set[bytes] = frozenset()) -> WorkerEntry | None:  # type: ignore[assignment]
+    def _best_worker(self, voice: str | None, avoid: set[bytes] = frozenset(),  # type: ignore[assignment]
+                     clone: bool = False) -> WorkerEntry | None:
         """The least loaded free worker for the voice, preferring one that has not failed this job."""
         best: WorkerEntry | None = None
         best_key: tuple[bool, float] = (False, -1.0)
         for w in self.workers.values():
-            if w.free > 0 and w.serves(voice):
+            if w.free > 0 and w.serves(voice, clone):
                 key = (w.identity not in avoid, w.free / w.info.capacity)
                 if best is None or key > best_key:
                     best, best_key = w, key
-        if best is not None and best.identity in avoid and self._others_could_serve(voice, avoid):
+        if best is not None and best.identity in avoid and self._others_could_serve(voice, avoid, clone):
             return None  # wait for a worker that has not failed it
         return best
 
-    def _others_could_serve(self, voice: str | None, avoid: set[bytes]) -> bool:
-        return any(w.serves(voice) and w.identity not in avoid for w in self.workers.values())
+    def _others_could_serve(self, voice: str | None, avoid: set[bytes], clone: bool = False) -> bool:
+        return any(w.serves(voice, clone) and w.identity not in avoid for w in self.workers.values())
+
+    def can_clone(self) -> bool:
+        return any(w.info.clone for w in self.workers.values())
 
     # --- worker failures ------------------------------------------------------------
 

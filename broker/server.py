@@ -39,6 +39,7 @@ class BrokerConfig:
     heartbeat_s: float = 1.0
     liveness: int = 3
     max_queue: int = 20_000
+    max_prompt_bytes: int = 256 << 20  # queued jobs' own prompt audio, in all (then BUSY)
     max_attempts: int = 3
     max_text: int = P.MAX_TEXT_CHARS
     subscribe_wait_s: float = 2.0
@@ -419,7 +420,19 @@ class Broker:
             return
         voice = None if msg.voice in ("default", "") else msg.voice  # "default": each worker's own default
         voices = self.sched.voices()
-        if voice is not None and self.sched.workers and voice not in voices:
+        if msg.prompt_audio:  # the job brings its own voice: the voice name does not matter
+            voice = None
+            if self.sched.workers and not self.sched.can_clone():
+                engines = sorted({w.info.engine for w in self.sched.workers.values()})
+                self._reject(route, msg.job, P.CANNOT_CLONE,
+                             "no worker here clones a voice from a job's own prompt (engines that can: cosyvoice; "
+                             f"serving now: {', '.join(engines)}); use one of the served voices", voices)
+                return
+            queued = sum(len(e.prompt_audio) for e in self.sched.jobs.values())
+            if queued + len(msg.prompt_audio) > self.config.max_prompt_bytes:
+                self._reject(route, msg.job, P.BUSY, "too much prompt audio is queued; retry later")
+                return
+        elif voice is not None and self.sched.workers and voice not in voices:
             self._reject(route, msg.job, P.UNKNOWN_VOICE,
                          f"unknown voice {msg.voice!r}; available: {', '.join(voices)}", voices)
             return
@@ -427,7 +440,7 @@ class Broker:
             self._reject(route, msg.job, P.BUSY, f"queue is full ({self.config.max_queue} jobs); retry later")
             return
         entry = JobEntry(msg.job, msg.text, voice, msg.speed, msg.priority, msg.client, time.monotonic(),
-                         instruct=msg.instruct)
+                         instruct=msg.instruct, prompt_audio=msg.prompt_audio, prompt_text=msg.prompt_text)
         self.sched.enqueue(entry)
         self.counters["accepted"] += 1
         self._send(self.front, route, P.Accepted(msg.job, self.epoch, self.sched.queue_length()).to_frames())
@@ -556,7 +569,8 @@ class Broker:
 
     def _dispatch(self) -> None:
         for entry, worker in self.sched.dispatch(self.subscribed):
-            job = P.Job(entry.job, entry.run, entry.attempt, entry.text, entry.voice, entry.speed, entry.instruct)
+            job = P.Job(entry.job, entry.run, entry.attempt, entry.text, entry.voice, entry.speed, entry.instruct,
+                        entry.prompt_audio, entry.prompt_text)
             if not self._send(self.back, worker.identity, job.to_frames()):
                 self._requeue(self.sched.drop_worker(worker.identity), "worker unreachable")
                 continue
@@ -573,6 +587,7 @@ class Broker:
             workers.append({
                 "name": i.worker, "engine": i.engine, "model": i.model, "device": i.device, "host": i.host,
                 "pid": i.pid, "voices": i.voices, "default_voice": i.default_voice, "sample_rate": i.sample_rate,
+                "clone": i.clone,
                 "capacity": i.capacity, "running": len(w.running),
                 "state": "busy" if w.running else "idle",
                 "jobs_done": w.jobs_done, "jobs_failed": w.jobs_failed,

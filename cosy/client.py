@@ -49,6 +49,9 @@ class JobSpec:
     priority: str = P.INTERACTIVE
     job: str = field(default_factory=lambda: uuid.uuid4().hex)
     instruct: str = ""
+    # The job's own reference voice, for workers that clone (16 kHz mono s16le; PROTOCOL.md, SUBMIT).
+    prompt_audio: bytes = field(default=b"", repr=False)
+    prompt_text: str = ""
 
 
 # --- events ---------------------------------------------------------------------------
@@ -250,7 +253,8 @@ class Client:
         self._send_submit(spec)
 
     def _send_submit(self, spec: JobSpec) -> None:
-        msg = P.Submit(spec.job, spec.text, self.client_id, spec.voice, spec.speed, spec.priority, spec.instruct)
+        msg = P.Submit(spec.job, spec.text, self.client_id, spec.voice, spec.speed, spec.priority, spec.instruct,
+                       spec.prompt_audio, spec.prompt_text)
         self.dealer.send_multipart(msg.to_frames())
 
     def cancel(self, job: str) -> None:

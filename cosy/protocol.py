@@ -32,11 +32,16 @@ VERSION = 1
 
 # Sizes. MAX_*_MSG become ZMQ_MAXMSGSIZE on the bound sockets: a peer that sends
 # more is disconnected by libzmq before the bytes reach Python.
-MAX_FRONT_MSG = 1 << 20  # 1 MiB: room for a rejected over-long text to get a clear answer
-MAX_BACK_MSG = 1 << 20
+MAX_FRONT_MSG = 2 << 20  # 2 MiB: a job with its own prompt audio, and room for a rejected over-long text
+MAX_BACK_MSG = 2 << 20
 MAX_AUDIO_MSG = 8 << 20
 MAX_SUB_MSG = 1024  # subscriptions arriving on the broker's XPUB
 MAX_TEXT_CHARS = 20_000
+# A job's own reference voice (zero-shot / cross-lingual cloning): 16 kHz mono s16le, 1-30 s.
+PROMPT_RATE = 16_000
+MAX_PROMPT_BYTES = 30 * PROMPT_RATE * 2
+MIN_PROMPT_BYTES = PROMPT_RATE * 2 // 2  # half a second
+MAX_PROMPT_TEXT = 2000
 MAX_JOB_ID = 64
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
@@ -61,6 +66,7 @@ CANCELLED = "CANCELLED"
 NO_SUBSCRIBER = "NO_SUBSCRIBER"
 REPLAY_GONE = "REPLAY_GONE"
 CLIENT_GONE = "CLIENT_GONE"
+CANNOT_CLONE = "CANNOT_CLONE"
 
 
 class ProtocolError(ValueError):
@@ -155,6 +161,21 @@ def _check(cls: type, body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_prompt(audio: bytes, text: str) -> None:
+    """A job's own prompt: whole 16-bit samples, 0.5-30 s at 16 kHz, a transcript only with audio."""
+    if not audio:
+        if text:
+            raise ProtocolError("prompt_text without prompt_audio")
+        return
+    if len(audio) % 2:
+        raise ProtocolError("prompt_audio must be 16-bit samples (an even number of bytes)")
+    if not MIN_PROMPT_BYTES <= len(audio) <= MAX_PROMPT_BYTES:
+        raise ProtocolError(f"prompt_audio must be 0.5-30 s of 16 kHz mono 16-bit PCM "
+                            f"({MIN_PROMPT_BYTES}-{MAX_PROMPT_BYTES} bytes), got {len(audio)}")
+    if len(text) > MAX_PROMPT_TEXT:
+        raise ProtocolError(f"prompt_text is limited to {MAX_PROMPT_TEXT} characters")
+
+
 def check_job_id(job: str) -> str:
     if not JOB_ID_RE.match(job):
         raise ProtocolError("job id must be 1-64 characters of A-Z a-z 0-9 . _ : - (not starting with a symbol)")
@@ -199,11 +220,16 @@ class Submit(Message):
     priority: str = INTERACTIVE
     # Instruct-capable engines (CosyVoice2/3): how to speak, e.g. "slowly and warmly". Others ignore it.
     instruct: str = ""
+    # The job's own reference voice, for engines that clone (READY.clone): 16 kHz mono s16le PCM and, for
+    # zero-shot, its transcript (without one: cross-lingual, the prompt's voice without its words).
+    prompt_audio: bytes = b""
+    prompt_text: str = ""
 
     def validate(self) -> None:
         check_job_id(self.job)
         if len(self.instruct) > 1000:
             raise ProtocolError("instruct is limited to 1000 characters")
+        check_prompt(self.prompt_audio, self.prompt_text)
         if not (1 <= len(self.client) <= 64):
             raise ProtocolError("client id must be 1-64 characters")
         if self.priority not in PRIORITIES:
@@ -362,6 +388,8 @@ class Ready(Message):
     # True when a registered worker only announces new capabilities (e.g. its voices changed):
     # the broker updates them and keeps the worker's running jobs.
     update: bool = False
+    # The engine clones a voice from a job's own prompt (SUBMIT.prompt_audio): only such workers get those jobs.
+    clone: bool = False
 
     def validate(self) -> None:
         if not (1 <= self.capacity <= 256):
@@ -394,6 +422,12 @@ class Job(Message):
     voice: str | None = None
     speed: float = 1.0
     instruct: str = ""
+    prompt_audio: bytes = b""
+    prompt_text: str = ""
+
+    @property
+    def cloning(self) -> bool:
+        return bool(self.prompt_audio)
 
 
 @dataclass(frozen=True)

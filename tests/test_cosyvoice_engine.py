@@ -404,7 +404,25 @@ def test_broker_and_worker_stream_a_job_and_reuse_the_cached_voice(
     for job, text in jobs.items():
         assert done[job].sample_rate == 24000 and len(done[job].audio) == len(text) * 20 * 960
 
-    metrics = next(w for w in stack.status()["workers"] if w["name"] == name)["metrics"]
+    # A job with its own prompt (zero-shot cloning without a registered voice) goes to this worker, which clones.
+    t = np.arange(16000) / 16000
+    prompt = (0.3 * 32767 * np.sin(2 * np.pi * 190 * t)).astype("<i2").tobytes()
+    with Client(stack.endpoints) as client:
+        client.connect()
+        client.submit(JobSpec("Ok", job="cloned-1", prompt_audio=prompt, prompt_text="Its own words."))
+        cloned = None
+        deadline = time.monotonic() + 120
+        while cloned is None and time.monotonic() < deadline:
+            for ev in client.poll(0.05):
+                assert not hasattr(ev, "code"), ev
+                if isinstance(ev, Completed):
+                    cloned = ev
+    assert cloned is not None and len(cloned.audio) == 2 * 20 * 960
+
+    worker = next(w for w in stack.status()["workers"] if w["name"] == name)
+    assert worker["clone"] is True
+    metrics = worker["metrics"]
+    assert metrics["prompt_features_computed"] == 1
     assert metrics["scheduler"] == engine.scheduler and metrics["capacity_source"] == "option"
 
     assert metrics["voice_prompts_loaded"] == 2 and metrics["voice_prompts_computed"] == 0  # from the cache

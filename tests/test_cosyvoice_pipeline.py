@@ -566,3 +566,57 @@ def test_cosyvoice3_streams_the_library_tokens_through_the_pipeline(engine3: Any
     assert scheduled[0] == 15 + 3
     assert sum(len(c) for c in chunks) == len(tokens) * SAMPLES_PER_TOKEN
     assert all(np.isfinite(c).all() for c in chunks)
+
+
+# --- a job's own prompt (zero-shot and cross-lingual cloning) ----------------------------------------------
+
+
+def _prompt_pcm(seconds: float = 1.5, pitch: float = 180.0) -> bytes:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * 32767 * np.sin(2 * np.pi * pitch * t)).astype("<i2").tobytes()
+
+
+@pytest.mark.parametrize("scheduler", ["cosy", "library"])
+def test_a_job_prompt_is_prepared_once_per_distinct_prompt(engine: Any, tiny: dict[str, Path],
+                                                           scheduler: str) -> None:
+    """Zero-shot from the job's own prompt (audio + transcript) and cross-lingual (audio alone): the features are
+    computed once per distinct prompt and reused, on either scheduler."""
+    from cosy.workers.engines import load_engine
+
+    eng = engine if scheduler == "cosy" else load_engine(
+        "cosyvoice", model_dir=str(tiny["model"]), voices_dir=str(tiny["voices"]), cache_dir=str(tiny["cache"]),
+        text_frontend="false", scheduler="library")
+    try:
+        assert eng.clone
+        before = eng.metrics()
+        audio = _prompt_pcm(pitch=170.0 + len(scheduler))
+        for prompt_text in ("The prompt's own words.", "The prompt's own words.", ""):
+            request = SynthesisRequest("Ok", "tiny", run=f"p-{scheduler}-{len(prompt_text)}-{time.monotonic_ns()}",
+                                       prompt_audio=audio, prompt_text=prompt_text)
+            sink = CollectingSink()
+            eng.start(request, sink)
+            assert sum(len(c) for c in sink.wait(120)) == 2 * 20 * SAMPLES_PER_TOKEN
+        after = eng.metrics()
+        assert after["prompt_features_computed"] - before["prompt_features_computed"] == 2  # zero-shot, cross
+        assert after["prompt_features_reused"] - before["prompt_features_reused"] == 1
+    finally:
+        if eng is not engine:
+            eng.close()
+
+
+def test_cross_lingual_inputs_carry_no_prompt_words(engine: Any) -> None:
+    audio = _prompt_pcm(pitch=222.0)
+    zero_shot = engine.model_inputs(SynthesisRequest("Ok", "tiny", prompt_audio=audio, prompt_text="Some words."))[0]
+    cross = engine.model_inputs(SynthesisRequest("Ok", "tiny", prompt_audio=audio))[0]
+    assert zero_shot["prompt_text"].shape[1] > 0 and zero_shot["llm_prompt_speech_token"].shape[1] > 0
+    assert cross["prompt_text"].shape[1] == 0 and "llm_prompt_speech_token" not in cross
+    assert cross["flow_prompt_speech_token"].shape[1] > 0  # the flow still hears the prompt's voice
+
+
+def test_undecodable_prompt_audio_fails_the_job_clearly(engine: Any) -> None:
+    sink = CollectingSink()
+    engine.start(SynthesisRequest("Ok", "tiny", run=f"bad-{time.monotonic_ns()}", prompt_audio=b"\x00\x00" * 10,
+                                  prompt_text="x"), sink)
+    with pytest.raises(EngineError, match="prompt audio"):
+        sink.wait(60)
+    assert engine._pipeline.wait_idle(10)

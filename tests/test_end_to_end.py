@@ -234,3 +234,26 @@ def test_default_voice_name_means_each_workers_default(stack: Stack, tmp_path: P
     stack.cosy("say", "hi", "--voice", "default", "--no-play", "--out", str(tmp_path / "d.wav"), check=True)
     audio, _ = read_wav(tmp_path / "d.wav")
     assert len(audio) == tone_samples("hi")
+
+
+def test_a_job_with_its_own_prompt_is_refused_where_no_worker_clones(stack: Stack) -> None:
+    """A tone (or Piper) worker cannot clone: a job with its own prompt audio gets CANNOT_CLONE, naming the
+    engines that can, and the stack keeps serving ordinary jobs."""
+    from cosy.client import Rejected
+
+    stack.start_worker("tone", name="t")
+    with Client(stack.endpoints) as client:
+        client.connect()
+        client.submit(JobSpec("Hello.", job="clone-1", prompt_audio=b"\x00\x01" * 16000, prompt_text="Words."))
+        client.submit(JobSpec("Hello.", job="plain-1"))
+        events: dict[str, object] = {}
+        deadline = time.monotonic() + 30
+        while len(events) < 2 and time.monotonic() < deadline:
+            for ev in client.poll(0.05):
+                if isinstance(ev, (Rejected, Completed)):
+                    events[ev.job] = ev
+    refused, served = events["clone-1"], events["plain-1"]
+    assert isinstance(refused, Rejected) and refused.code == P.CANNOT_CLONE
+    assert "cosyvoice" in refused.message and "tone" in refused.message and refused.voices == ["tone"]
+    assert isinstance(served, Completed)
+    assert [w["clone"] for w in stack.status()["workers"]] == [False]

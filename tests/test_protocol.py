@@ -37,19 +37,23 @@ def test_documented_fields_match_the_dataclasses() -> None:
 def test_documented_error_codes_exist() -> None:
     doc = (ROOT / "PROTOCOL.md").read_text()
     for code in (P.BAD_REQUEST, P.BUSY, P.TEXT_TOO_LONG, P.UNKNOWN_VOICE, P.DUPLICATE_JOB, P.UNKNOWN_JOB,
-                 P.ENGINE_ERROR, P.ENGINE_STALLED, P.WORKER_LOST, P.CANCELLED, P.REPLAY_GONE, P.CLIENT_GONE):
+                 P.ENGINE_ERROR, P.ENGINE_STALLED, P.WORKER_LOST, P.CANCELLED, P.REPLAY_GONE, P.CLIENT_GONE,
+                 P.CANNOT_CLONE):
         assert f"`{code}`" in doc
 
 
 def test_round_trip_of_every_message() -> None:
     samples = [
         P.Submit("job-1", "hello", "client-1", "joe", 1.25, P.BULK),
+        P.Submit("job-2", "hello", "client-1", None, 1.0, P.INTERACTIVE, "", b"\x01\x00" * 8000, "its words"),
         P.Cancel("job-1", "client-1"), P.StatusRequest(), P.Ping("c"), P.Replay("job-1", "r1", [0, 3]),
         P.Accepted("job-1", "e1", 3), P.Rejected("job-1", P.UNKNOWN_VOICE, "no", ["joe"]),
         P.Started("job-1", "r1", 2, "w"), P.JobDone("job-1", "r1", 1, 3, 100, 22050, 1.5, 0.1, "w"),
         P.JobFailed("job-1", P.ENGINE_ERROR, "boom", "r1", 1, True), P.StatusReply({"a": 1}), P.Pong("e"),
         P.Ready("w", "piper", "m", ["joe"], "joe", 22050, "cpu", 2, 123, "h"),
         P.Heartbeat("e", ["r1"], {"x": 1.0}), P.Job("job-1", "r1", 1, "t", None, 1.0), P.CancelRun("job-1", "r1"),
+        P.Job("job-2", "r2", 1, "t", None, 1.0, "", b"\x00\x00" * 8000, ""),
+        P.Ready("w", "cosyvoice", "m", ["joe"], "joe", 24000, "cuda:0", 4, 1, "h", clone=True),
         P.Reconnect(), P.Disconnect(),
     ]
     tables = [P.CLIENT_MESSAGES, P.BROKER_TO_CLIENT, P.WORKER_MESSAGES, P.BROKER_TO_WORKER]
@@ -90,3 +94,17 @@ def test_malformed_messages_raise_protocol_error(frames: list[bytes]) -> None:
 
 def test_topic_cannot_prefix_match_another_job() -> None:
     assert not P.topic("job10").startswith(P.topic("job1"))
+
+
+def test_a_job_prompt_is_bounded_and_checked() -> None:
+    ok = P.Submit("j", "hi", "c", prompt_audio=b"\x00\x00" * 16000, prompt_text="words")
+    assert P.decode(ok.to_frames(), P.CLIENT_MESSAGES) == ok
+    too_long = P.Submit("j", "hi", "c", prompt_audio=b"\x00" * (P.MAX_PROMPT_BYTES + 2))
+    odd = P.Submit("j", "hi", "c", prompt_audio=b"\x00" * 16001)
+    short = P.Submit("j", "hi", "c", prompt_audio=b"\x00\x00" * 100)
+    text_only = P.Submit("j", "hi", "c", prompt_text="words without audio")
+    for bad, why in ((too_long, "0.5-30 s"), (odd, "even"), (short, "0.5-30 s"), (text_only, "without")):
+        with pytest.raises(P.ProtocolError, match=why):
+            P.decode(bad.to_frames(), P.CLIENT_MESSAGES)
+    old_peer = {k: v for k, v in dataclasses.asdict(ok).items() if not k.startswith("prompt")}
+    assert P.Submit.from_body(old_peer).prompt_audio == b""  # a SUBMIT from an older client

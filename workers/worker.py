@@ -117,7 +117,8 @@ class Worker:
     def _request(self, run: Run) -> SynthesisRequest:
         job = run.job
         return SynthesisRequest(text=job.text, voice=job.voice or self.engine.default_voice, speed=job.speed,
-                                job=job.job, instruct=job.instruct, run=job.run, cancelled=run.cancelled)
+                                job=job.job, instruct=job.instruct, run=job.run, cancelled=run.cancelled,
+                                prompt_audio=job.prompt_audio, prompt_text=job.prompt_text)
 
     def _start(self, run: Run) -> None:
         """Hand the run to the engine (which returns at once); its audio reaches the wire through a RunSink."""
@@ -141,7 +142,8 @@ class Worker:
         e = self.engine
         return P.Ready(worker=self.name, engine=e.name, model=e.model, voices=self._voices,
                        default_voice=e.default_voice, sample_rate=e.sample_rate, device=e.device,
-                       capacity=e.capacity, pid=os.getpid(), host=socket.gethostname())
+                       capacity=e.capacity, pid=os.getpid(), host=socket.gethostname(),
+                       clone=bool(getattr(e, "clone", False)))
 
     def warm_up(self, timeout: float = 600.0) -> None:
         """One job through the engine before READY (an engine with a ``warm_up`` of its own does more: graph

@@ -39,6 +39,10 @@ class SynthesisRequest:
     instruct: str = ""  # for instruct-capable engines; others ignore it
     run: str = ""  # the broker's run id: what ``Engine.cancel`` names
     seed: int | None = None  # sampling seed for engines that sample (None: derived from the job id)
+    # The job's own reference voice (engines with ``clone = True``): 16 kHz mono s16le PCM, and its transcript
+    # (zero-shot) or none (cross-lingual).
+    prompt_audio: bytes = field(default=b"", repr=False)
+    prompt_text: str = ""
     # Set when the broker cancels the run: engines stop between chunks.
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
 

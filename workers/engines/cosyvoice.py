@@ -53,6 +53,7 @@ Traps in the library, and what this engine does about them (see docs/gpu.md):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -268,8 +269,12 @@ def free_cuda_cache() -> None:
 # --- the engine ------------------------------------------------------------------------------
 
 
+MAX_PROMPT_SPEAKERS = 64  # per-request prompts whose features stay cached (least recently used go first)
+
+
 class CosyVoiceEngine:
     name = "cosyvoice"
+    clone = True  # zero-shot and cross-lingual from a job's own prompt audio (SynthesisRequest.prompt_audio)
 
     def __init__(self, model_dir: str, voices_dir: str | None = None, cache_dir: str | None = None,
                  fp16: bool | str = "auto", load_trt: bool | str = "auto", load_vllm: bool | str = "false",
@@ -293,7 +298,9 @@ class CosyVoiceEngine:
         # feature computation.
         self._voices_lock = threading.Lock()
         self._prepare_lock = threading.Lock()
-        self._counts = {"voice_prompts_computed": 0, "voice_prompts_loaded": 0}
+        self._counts = {"voice_prompts_computed": 0, "voice_prompts_loaded": 0, "prompt_features_computed": 0,
+                        "prompt_features_reused": 0}
+        self._prompt_speakers: collections.OrderedDict[str, None] = collections.OrderedDict()
         if device is not None:
             self._select_device(str(device))
 
@@ -530,6 +537,47 @@ class CosyVoiceEngine:
         except OSError as exc:
             raise EngineError(f"voice {name!r}: cannot read its reference audio: {exc}") from exc
 
+    def _prompt_speaker(self, audio: bytes, text: str) -> str:
+        """A speaker id for a job's own prompt (16 kHz s16le PCM, its transcript or none for cross-lingual): the
+        features are computed once per distinct prompt, cached by content, the last MAX_PROMPT_SPEAKERS kept."""
+        digest = hashlib.sha256(audio + b"\0" + text.encode() + self._prompt_kind.encode()).hexdigest()[:16]
+        spk_id = f"prompt-{digest}"
+        with self._prepare_lock:
+            spk2info = self._tts.frontend.spk2info
+            if spk_id in self._prompt_speakers and spk_id in spk2info:
+                self._prompt_speakers.move_to_end(spk_id)
+                self._counts["prompt_features_reused"] += 1
+                return spk_id
+            pcm = np.frombuffer(audio, dtype="<i2").astype(np.float32) / 32768.0
+            transcript = self._prompt_text(RefVoice("prompt", Path(), text)) if text else (
+                f"{COSYVOICE3_SYSTEM_PROMPT}{ENDOFPROMPT}" if self.family == "CosyVoice3" else "")
+            try:
+                if self._prompt_kind == "path":
+                    import soundfile as sf
+
+                    fd, tmp = tempfile.mkstemp(suffix=".wav", prefix="cosy-prompt-")
+                    os.close(fd)
+                    try:
+                        sf.write(tmp, pcm, 16000, subtype="PCM_16")
+                        self._tts.add_zero_shot_spk(transcript, tmp, spk_id)
+                    finally:
+                        os.unlink(tmp)
+                else:
+                    self._tts.add_zero_shot_spk(transcript, self._torch.from_numpy(pcm)[None], spk_id)
+            except (ValueError, RuntimeError, AssertionError) as exc:
+                raise EngineError(f"cannot use the job's prompt audio: {exc.__class__.__name__}: {exc}") from exc
+            self._counts["prompt_features_computed"] += 1
+            self._prompt_speakers[spk_id] = None
+            while len(self._prompt_speakers) > MAX_PROMPT_SPEAKERS:
+                old, _ = self._prompt_speakers.popitem(last=False)
+                spk2info.pop(old, None)
+        return spk_id
+
+    def _request_speaker(self, request: SynthesisRequest) -> str:
+        if request.prompt_audio:
+            return self._prompt_speaker(request.prompt_audio, request.prompt_text)
+        return self._speaker(request.voice)
+
     def refresh_voices(self) -> bool:
         """Look at the voice folders again (`cosy voices add` on a running system); True if the set changed.
         Reads only the folders' voice.json files: never waits on a voice being prepared."""
@@ -594,13 +642,17 @@ class CosyVoiceEngine:
         thread). Instruct mode puts the instruct text where the library's ``inference_instruct2`` means it to be:
         as the LLM's prompt text, without the voice's prompt speech tokens (with a cached speaker the library's
         ``frontend_instruct2`` keeps the transcript instead)."""
-        spk_id = self._speaker(request.voice)
+        spk_id = self._request_speaker(request)
+        cross_lingual = bool(request.prompt_audio) and not request.prompt_text
         frontend = self._tts.frontend
         empty_prompt = "" if self._prompt_kind == "path" else self._torch.zeros(1, 0)
         instruct = getattr(request, "instruct", "") or ""
         out = []
         for piece in frontend.text_normalize(request.text, split=True, text_frontend=self._text_frontend):
             inputs = frontend.frontend_zero_shot(piece, "", empty_prompt, self.sample_rate, spk_id)
+            if cross_lingual:  # the prompt's voice, not its words: as the library's frontend_cross_lingual
+                inputs.pop("llm_prompt_speech_token", None)
+                inputs.pop("llm_prompt_speech_token_len", None)
             if instruct:
                 text = self._instruct_text(instruct)
                 if ENDOFPROMPT not in text:
@@ -614,14 +666,17 @@ class CosyVoiceEngine:
 
     def _library_synthesize(self, request: SynthesisRequest) -> Iterator[np.ndarray]:
         """scheduler=library: the library's own per-request streaming."""
-        spk_id = self._speaker(request.voice)
+        spk_id = self._request_speaker(request)
         stream = abs(request.speed - 1.0) < 1e-3  # the library ignores speed when streaming
         empty_prompt = "" if self._prompt_kind == "path" else self._torch.zeros(1, 0)
         instruct = getattr(request, "instruct", "") or ""
         options = {"stream": stream, "speed": request.speed, "text_frontend": self._text_frontend}
         if self._hop is not None:
             self._hop.reset()
-        if instruct and hasattr(self._tts, "inference_instruct2"):
+        if request.prompt_audio and not request.prompt_text and hasattr(self._tts, "inference_cross_lingual"):
+            outputs = self._tts.inference_cross_lingual(request.text, empty_prompt, zero_shot_spk_id=spk_id,
+                                                        **options)
+        elif instruct and hasattr(self._tts, "inference_instruct2"):
             outputs = self._tts.inference_instruct2(request.text, self._instruct_text(instruct), empty_prompt,
                                                     zero_shot_spk_id=spk_id, **options)
         else:
