@@ -46,6 +46,47 @@ HIDDEN3 = 16  # 151936 embedding rows: the hidden size is what keeps the CosyVoi
 # CosyVoice3Model.silent_tokens: llm_job drops runs of more than 5 of them, so the tiny LLM never emits them.
 SILENT_TOKENS3 = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)
 
+_VOCODER_AND_FRONTEND = """\
+hift: !new:cosyvoice.hifigan.generator.%(hift)s
+    in_channels: 80
+    base_channels: {hift_channels}
+    nb_harmonics: 8
+    sampling_rate: !ref <sample_rate>
+    nsf_alpha: 0.1
+    nsf_sigma: 0.003
+    nsf_voiced_threshold: 10
+    upsample_rates: [8, 5, 3]
+    upsample_kernel_sizes: [16, 11, 7]
+    istft_params:
+        n_fft: 16
+        hop_len: 4
+    resblock_kernel_sizes: {hift_kernels}
+    resblock_dilation_sizes: {hift_dilations}
+    source_resblock_kernel_sizes: [7, 7, 11]
+    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    lrelu_slope: 0.1
+    audio_limit: 0.99
+%(hift_extra)s    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.%(f0)s
+        num_class: 1
+        in_channels: 80
+        cond_channels: {f0_channels}
+
+get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
+    token_path: !ref <qwen_pretrain_path>
+    skip_special_tokens: True
+%(tokenizer_extra)sallowed_special: 'all'
+
+feat_extractor: !name:matcha.utils.audio.mel_spectrogram
+    n_fft: 1920
+    num_mels: 80
+    sampling_rate: !ref <sample_rate>
+    hop_size: 480
+    win_size: 1920
+    fmin: 0
+    fmax: %(fmax)s
+    center: False
+"""
+
 CONFIG = """\
 # {title}
 sample_rate: 24000
@@ -124,45 +165,10 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
             static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
             num_decoding_left_chunks: !ref <num_decoding_left_chunks>
 
-hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
-    in_channels: 80
-    base_channels: {hift_channels}
-    nb_harmonics: 8
-    sampling_rate: !ref <sample_rate>
-    nsf_alpha: 0.1
-    nsf_sigma: 0.003
-    nsf_voiced_threshold: 10
-    upsample_rates: [8, 5, 3]
-    upsample_kernel_sizes: [16, 11, 7]
-    istft_params:
-        n_fft: 16
-        hop_len: 4
-    resblock_kernel_sizes: {hift_kernels}
-    resblock_dilation_sizes: {hift_dilations}
-    source_resblock_kernel_sizes: [7, 7, 11]
-    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    lrelu_slope: 0.1
-    audio_limit: 0.99
-    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor
-        num_class: 1
-        in_channels: 80
-        cond_channels: {f0_channels}
-
-get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
-    token_path: !ref <qwen_pretrain_path>
-    skip_special_tokens: True
-allowed_special: 'all'
-
-feat_extractor: !name:matcha.utils.audio.mel_spectrogram
-    n_fft: 1920
-    num_mels: 80
-    sampling_rate: !ref <sample_rate>
-    hop_size: 480
-    win_size: 1920
-    fmin: 0
-    fmax: 8000
-    center: False
 """
+CONFIG += _VOCODER_AND_FRONTEND % {"hift": "HiFTGenerator", "hift_extra": "", "f0": "ConvRNNF0Predictor",
+                                  "tokenizer_extra": "", "fmax": "8000"}
+
 
 CONFIG3 = """\
 # {title}
@@ -230,47 +236,11 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
             static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
             num_decoding_left_chunks: !ref <num_decoding_left_chunks>
 
-hift: !new:cosyvoice.hifigan.generator.CausalHiFTGenerator
-    in_channels: 80
-    base_channels: {hift_channels}
-    nb_harmonics: 8
-    sampling_rate: !ref <sample_rate>
-    nsf_alpha: 0.1
-    nsf_sigma: 0.003
-    nsf_voiced_threshold: 10
-    upsample_rates: [8, 5, 3]
-    upsample_kernel_sizes: [16, 11, 7]
-    istft_params:
-        n_fft: 16
-        hop_len: 4
-    resblock_kernel_sizes: {hift_kernels}
-    resblock_dilation_sizes: {hift_dilations}
-    source_resblock_kernel_sizes: [7, 7, 11]
-    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    lrelu_slope: 0.1
-    audio_limit: 0.99
-    conv_pre_look_right: 4
-    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor
-        num_class: 1
-        in_channels: 80
-        cond_channels: {f0_channels}
+"""  # the HiFT, tokenizer and feature blocks: _VOCODER_AND_FRONTEND
+CONFIG3 += _VOCODER_AND_FRONTEND % {"hift": "CausalHiFTGenerator", "hift_extra": "    conv_pre_look_right: 4\n",
+                                   "f0": "CausalConvRNNF0Predictor", "tokenizer_extra": "    version: cosyvoice3\n",
+                                   "fmax": "null"}
 
-get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
-    token_path: !ref <qwen_pretrain_path>
-    skip_special_tokens: True
-    version: cosyvoice3
-allowed_special: 'all'
-
-feat_extractor: !name:matcha.utils.audio.mel_spectrogram
-    n_fft: 1920
-    num_mels: 80
-    sampling_rate: !ref <sample_rate>
-    hop_size: 480
-    win_size: 1920
-    fmin: 0
-    fmax: null
-    center: False
-"""
 
 
 def expected_tokens(text: str) -> int:
