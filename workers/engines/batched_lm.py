@@ -111,13 +111,25 @@ class BatchedQwen2LM:
         v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                causal: bool) -> torch.Tensor:
+    def _attend_prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention over a prompt (prefill, one stream)."""
         groups = self.heads // self.kv_heads
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decode attention (one query per stream) for grouped-query heads without repeating the cache: each KV
+        head's cache rows are read once for its group of query heads. q [B, heads, 1, d], k/v [B, kv, L, d],
+        mask [B, L] (True: attend); returns [B, heads, 1, d]."""
+        b, _, _, d = q.shape
+        groups = self.heads // self.kv_heads
+        qg = q.view(b, self.kv_heads, groups, d)
+        scores = torch.einsum("bhgd,bhld->bhgl", qg, k).float() * (d ** -0.5)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        weights = scores.softmax(dim=-1).to(v.dtype)
+        return torch.einsum("bhgl,bhld->bhgd", weights, v).reshape(b, self.heads, 1, d)
 
     def _block_tail(self, layer: Any, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = attn_out.shape
@@ -139,7 +151,7 @@ class BatchedQwen2LM:
             q, k, v = self._qkv(layer, layer.input_layernorm(x), cos, sin)
             self.k[i, slot, :, :t] = k[0]
             self.v[i, slot, :, :t] = v[0]
-            x = self._block_tail(layer, x, self._attend(q, k, v, None, causal=True))
+            x = self._block_tail(layer, x, self._attend_prompt(q, k, v))
         return self._logp(self.model.norm(x)[:, -1])
 
     def _logp(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -154,13 +166,13 @@ class BatchedQwen2LM:
             pos = inputs.pos[:n]
             cos, sin = self._rope(pos.unsqueeze(1))
             rows = torch.arange(n, device=self.device)
-            mask = (torch.arange(length, device=self.device).unsqueeze(0) <= pos.unsqueeze(1))[:, None, None, :]
+            mask = torch.arange(length, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)  # [n, length]
             for i, layer in enumerate(self.layers):
                 q, k, v = self._qkv(layer, layer.input_layernorm(x), cos, sin)
                 at = pos.clamp(max=self.max_len - 1)  # a free slot inside a graph's bucket keeps counting
                 self.k[i, rows, :, at] = k[:, :, 0]
                 self.v[i, rows, :, at] = v[:, :, 0]
-                out = self._attend(q, self.k[i, :n, :, :length], self.v[i, :n, :, :length], mask, causal=False)
+                out = self._attend_one(q, self.k[i, :n, :, :length], self.v[i, :n, :, :length], mask)
                 x = self._block_tail(layer, x, out)
             logp = self._logp(self.model.norm(x)[:, 0])
             steps = inputs.steps[:n]
