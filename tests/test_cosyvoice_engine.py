@@ -12,7 +12,6 @@ overlap (8 mel frames x 480 samples).
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import threading
 import time
@@ -23,17 +22,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cosyvoice_env import MISSING, REASON, needs_library
 from stack import Stack, read_wav
 
 from cosy import gpu
 from cosy.workers.engines.base import EngineError, SynthesisRequest
 from cosy.workers.engines.cosyvoice import PerThreadHop, ensure_trt_plan, isolate_hop_len, scan_voices, trt_plan_key
-
-MISSING = [m for m in ("torch", "torchaudio", "onnx", "transformers", "cosyvoice")
-           if importlib.util.find_spec(m) is None]
-needs_library = pytest.mark.skipif(
-    bool(MISSING), reason=f"needs {', '.join(MISSING)} in this interpreter: run scripts/setup-cosyvoice-env.sh, "
-                          "then .venv-cosyvoice/bin/python -m pytest tests/test_cosyvoice_engine.py")
 
 HOP = 25
 FIRST_HOP = 15  # scheduler=cosy: the first chunk after 15 tokens (+ 3 look-ahead)
@@ -250,8 +244,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def engine(request: pytest.FixtureRequest, tiny: dict[str, Path]) -> Iterator[Any]:
     """The engine on each scheduler (cosy's pipeline, the library's own loop), each with a cache folder of its own."""
     if MISSING:
-        pytest.skip(f"needs {', '.join(MISSING)} in this interpreter: run scripts/setup-cosyvoice-env.sh, then "
-                    ".venv-cosyvoice/bin/python -m pytest tests/test_cosyvoice_engine.py")
+        pytest.skip(REASON)
     import shutil
 
     from cosy.workers.engines import load_engine

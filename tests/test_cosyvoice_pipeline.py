@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import threading
 import time
 from collections.abc import Iterator
@@ -21,14 +20,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cosyvoice_env import MISSING, needs_library
 
 from cosy.workers.engines.base import CollectingSink, EngineError, SynthesisRequest
 
-MISSING = [m for m in ("torch", "torchaudio", "onnx", "transformers", "cosyvoice")
-           if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(
-    bool(MISSING), reason=f"needs {', '.join(MISSING)} in this interpreter: run scripts/setup-cosyvoice-env.sh, "
-                          "then .venv-cosyvoice/bin/python -m pytest tests/test_cosyvoice_pipeline.py")
+pytestmark = needs_library
+
 
 SAMPLES_PER_TOKEN = 960
 HELD_BACK = 8 * 480
