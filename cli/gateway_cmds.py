@@ -12,18 +12,28 @@ RuntimeDirOpt = typer.Option(None, "--runtime-dir", envvar="COSY_RUNTIME_DIR",
                              help="Folder of the broker's ipc sockets [default: $XDG_RUNTIME_DIR/cosy].")
 ConnectOpt = typer.Option(None, "--connect", envvar="COSY_CONNECT",
                           help="tcp://HOST:PORT of a broker (four ports from PORT) instead of ipc.")
+CurveOpt = typer.Option(None, "--curve-dir", envvar="COSY_CURVE_DIR",
+                        help="CURVE key folder (client.key_secret, server.key) for a tcp broker.")
 LogLevelOpt = typer.Option("INFO", "--log-level", envvar="COSY_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR.")
 TimeoutOpt = typer.Option(60.0, "--timeout", min=1.0,
                           help="Seconds to wait for a job's first audio, and between two chunks.")
 
 
-def _endpoints(runtime_dir: Path | None, url: str | None):
+def _endpoints(runtime_dir: Path | None, url: str | None, curve_dir: Path | None = None):
+    """The broker's endpoints; with --connect and CURVE keys, the keys are checked before anything starts."""
     from cosy.endpoints import EndpointError, resolve
+    from cosy.security import KeyError_, client_keys
 
     try:
-        return resolve(runtime_dir, url)
+        eps = resolve(runtime_dir, url, curve_dir)
     except EndpointError as exc:
         exits.fail(str(exc), exits.USAGE)
+    if eps.secure:
+        try:
+            client_keys(eps.curve_dir)  # type: ignore[arg-type]
+        except KeyError_ as exc:
+            exits.fail(str(exc), exits.USAGE)
+    return eps
 
 
 def _pairs(pairs: list[str], what: str) -> dict[str, str]:
@@ -62,6 +72,7 @@ def http(
                                help="With 2+ workers, synthesize a long input as sentence jobs across them."),
     runtime_dir: Path | None = RuntimeDirOpt,
     connect: str | None = ConnectOpt,
+    curve_dir: Path | None = CurveOpt,
     log_level: str = LogLevelOpt,
 ) -> None:
     """Serve the OpenAI speech API (POST /v1/audio/speech) in front of the broker.
@@ -83,7 +94,7 @@ def http(
     config = HttpConfig(host=host, port=port, api_key=api_key or None, timeout_s=timeout,
                         pcm_rate=None if pcm_rate == "native" else int(pcm_rate),
                         voice_aliases=_pairs(voice_alias, "--voice-alias"), split=split)
-    raise typer.Exit(run_http(_endpoints(runtime_dir, connect), config, log_level))
+    raise typer.Exit(run_http(_endpoints(runtime_dir, connect, curve_dir), config, log_level))
 
 
 def wyoming(
@@ -97,6 +108,7 @@ def wyoming(
                                             "127.0.0.1:PORT/metrics."),
     runtime_dir: Path | None = RuntimeDirOpt,
     connect: str | None = ConnectOpt,
+    curve_dir: Path | None = CurveOpt,
     log_level: str = LogLevelOpt,
 ) -> None:
     """Serve the Wyoming protocol (Home Assistant's local TTS) in front of the broker."""
@@ -118,7 +130,7 @@ def wyoming(
         exits.fail(f"refusing to listen on {host}: Wyoming has no authentication. Pass --allow-remote to serve "
                    "other hosts (on a network you trust).", exits.USAGE)
     config = WyomingConfig(uri=uri, languages=language or ["en"], timeout_s=timeout, metrics_port=metrics_port)
-    raise typer.Exit(run_wyoming(_endpoints(runtime_dir, connect), config))
+    raise typer.Exit(run_wyoming(_endpoints(runtime_dir, connect, curve_dir), config))
 
 
 def register(app: typer.Typer) -> None:

@@ -3,6 +3,7 @@
 - :mod:`cosy.gateways.http`: the OpenAI ``/v1/audio/speech`` API (``cosy http``).
 - :mod:`cosy.gateways.wyoming`: a Wyoming TTS server for Home Assistant (``cosy wyoming``).
 - :mod:`cosy.gateways.bridge`: the one broker client a gateway's requests share.
+- :mod:`cosy.gateways.jobstream`: one request's job from submission to its last sample, for every gateway.
 - :mod:`cosy.gateways.encode`: streaming WAV, PCM, FLAC, MP3 and Ogg Opus.
 
 Each needs the ``http`` extra (``pip install 'cosy-tts[http]'``); nothing is imported here so

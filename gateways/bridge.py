@@ -6,7 +6,10 @@ the :class:`cosy.client.Client` (its DEALER and SUB) and a DEALER for status req
 event loop talks to that thread through a command queue plus a self-pipe that wakes the
 thread's poller at once; the thread hands each job's events back to the job's own
 ``asyncio.Queue`` with ``loop.call_soon_threadsafe``. Nothing but the bridge thread touches a
-ZeroMQ socket.
+ZeroMQ socket; both of its sockets to the broker's front (jobs and status) get the client's
+CURVE keys when the endpoints are secure.
+
+Gateways do not read a :class:`JobHandle` themselves: :mod:`cosy.gateways.jobstream` does.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from cosy.client import (
     Rejected,
 )
 from cosy.endpoints import Endpoints
-from cosy.gateways.segments import SegmentedJob
+from cosy.security import prepare_client
 
 log = logging.getLogger("cosy.gateway")
 
@@ -44,19 +47,62 @@ BROKER_SILENT_S = 3.5  # no PONG for this long: the broker counts as unreachable
 TERMINAL = (Rejected, Completed, Failed)
 
 
+BROKER_UNREACHABLE = "BROKER_UNREACHABLE"
+GATEWAY_STOPPED = "GATEWAY_STOPPED"
+
+
 class GatewayError(RuntimeError):
-    """The bridge cannot serve a request (stopped, or the broker is unreachable)."""
+    """The bridge cannot serve a request: ``code`` is BROKER_UNREACHABLE or GATEWAY_STOPPED."""
+
+    def __init__(self, message: str, code: str = BROKER_UNREACHABLE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class JobEvents:
+    """What a gateway reads of a job, one job or several as one (:class:`~cosy.gateways.segments.SegmentedJob`):
+    its events in order through :meth:`next_event`, and one :meth:`cancel`.
+
+    ``finished`` becomes true in exactly two places: when :meth:`next_event` hands out the terminal event
+    (Completed, Failed or Rejected), or when :meth:`cancel` stops the job.
+    """
+
+    job: str
+    events: asyncio.Queue[Event]
+    finished: bool
+
+    async def next_event(self, timeout_s: float | None = None) -> Event:
+        """The next event; raises asyncio.TimeoutError after ``timeout_s`` without one."""
+        ev = await asyncio.wait_for(self.events.get(), timeout_s)
+        if isinstance(ev, TERMINAL):
+            self.finished = True
+        return ev
+
+    def cancel(self) -> bool:
+        """Stop the job if it has not ended; True when it was still live (so it was stopped now)."""
+        if self.finished:
+            return False
+        self.finished = True
+        self._stop()
+        return True
+
+    def _stop(self) -> None:
+        raise NotImplementedError
 
 
 @dataclass(eq=False)  # hashable by identity: sets of open jobs
-class JobHandle:
-    """The asyncio side of one job: its events arrive on ``events`` in order."""
+class JobHandle(JobEvents):
+    """The asyncio side of one job on the broker: its events arrive on ``events`` in order."""
 
     job: str
     spec: JobSpec
     loop: asyncio.AbstractEventLoop
+    stop_job: Callable[[str], None] = field(repr=False, default=lambda job: None)  # the bridge's cancel
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     finished: bool = False
+
+    def _stop(self) -> None:
+        self.stop_job(self.job)
 
 
 @dataclass
@@ -128,19 +174,14 @@ class BrokerBridge:
     def submit(self, spec: JobSpec) -> JobHandle:
         """Submit a job; its events (Accepted, Started, Audio..., Completed or Rejected/Failed) follow."""
         self._check_running()
-        handle = JobHandle(spec.job, spec, asyncio.get_running_loop())
+        handle = JobHandle(spec.job, spec, asyncio.get_running_loop(), self._cancel_job)
         self._call(lambda: self._do_submit(handle))
         return handle
 
-    def cancel(self, handle: JobHandle | SegmentedJob) -> None:
-        """Cancel a job that has not finished (a client went away). Safe to call twice."""
-        if isinstance(handle, SegmentedJob):
-            handle.cancel()  # its parts come back here
-            return
-        if handle.finished or self._stop.is_set():
-            return
-        handle.finished = True
-        self._call(lambda: self._do_cancel(handle.job))
+    def _cancel_job(self, job: str) -> None:
+        """JobHandle.cancel(): tell the broker (a client went away, or the gateway gave up on the job)."""
+        if not self._stop.is_set():
+            self._call(lambda: self._do_cancel(job))
 
     def snapshot(self) -> StatusSnapshot:
         return self._status
@@ -163,7 +204,7 @@ class BrokerBridge:
 
     def _check_running(self) -> None:
         if self._stop.is_set() or not self._thread.is_alive():
-            raise GatewayError("the gateway is stopping")
+            raise GatewayError("the gateway is stopping", GATEWAY_STOPPED)
 
     def _call(self, fn: Callable[[], None]) -> None:
         self._commands.put(fn)
@@ -181,6 +222,7 @@ class BrokerBridge:
         client = Client(self.endpoints, self.ctx, client_id=f"gw-{os.getpid()}-{os.urandom(4).hex()}")
         status_sock = self.ctx.socket(zmq.DEALER)
         status_sock.setsockopt(zmq.LINGER, 0)
+        prepare_client(status_sock, self.endpoints.curve_dir if self.endpoints.secure else None)
         status_sock.connect(self.endpoints.front)
         poller = zmq.Poller()
         poller.register(client.dealer, zmq.POLLIN)
@@ -205,10 +247,9 @@ class BrokerBridge:
         except Exception:  # pragma: no cover - a bug here must be loud, and fail every open request
             log.exception("the broker bridge stopped on an error")
         finally:
-            for handle in list(self._handles.values()):
-                if not handle.finished:
-                    client.cancel(handle.job)
-                self._deliver(handle, Failed(handle.job, "GATEWAY_STOPPED", "the gateway is stopping"))
+            for handle in list(self._handles.values()):  # none of them has ended (that removes it)
+                client.cancel(handle.job)
+                self._deliver(handle, Failed(handle.job, GATEWAY_STOPPED, "the gateway is stopping"))
             self._handles.clear()
             self._fail_status_waiters()
             status_sock.close(linger=0)
@@ -304,7 +345,7 @@ class BrokerBridge:
         waiters, self._status_waiters = self._status_waiters, []
         for loop, fut in waiters:
             try:
-                loop.call_soon_threadsafe(_set_exception, fut, GatewayError("the gateway is stopping"))
+                loop.call_soon_threadsafe(_set_exception, fut, GatewayError("the gateway is stopping", GATEWAY_STOPPED))
             except RuntimeError:
                 pass
 

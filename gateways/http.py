@@ -17,8 +17,8 @@ chunk), never a silently short file. A client that disconnects cancels its job.
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -28,17 +28,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cosy import protocol as P
-from cosy.client import Audio, BrokerRestarted, Completed, Failed, JobSpec, Rejected
+from cosy.client import JobSpec
 from cosy.endpoints import Endpoints
-from cosy.gateways.bridge import BrokerBridge, GatewayError, JobHandle
+from cosy.gateways import jobstream as js
+from cosy.gateways.bridge import BrokerBridge, GatewayError
 from cosy.gateways.encode import FORMATS, OPENAI_PCM_RATE, StreamEncoder, available_formats, make_encoder
-from cosy.gateways.segments import SegmentedJob, split_text, start_segmented
 from cosy.metrics import GatewayMetrics
 
 log = logging.getLogger("cosy.http")
@@ -79,10 +80,6 @@ class ApiError(Exception):
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-class StreamAborted(RuntimeError):
-    """The audio already sent cannot be completed: the response is cut without its final chunk."""
 
 
 def is_loopback(host: str) -> bool:
@@ -149,23 +146,30 @@ def parse_speech(body: Any, formats: list[str]) -> SpeechRequest:
     return SpeechRequest(text, voice, fmt, speed, stream_format, model)
 
 
-def rejection_error(code: str, message: str, retry_after: int) -> ApiError:
+def job_error(err: js.JobError, retry_after: int) -> ApiError:
+    """A job stream's error before the first audio, as OpenAI's error."""
+    code, message = err.code, err.message
     if code == P.UNKNOWN_VOICE:
         return ApiError(404, message, "voice_not_found", "voice")
     if code == P.TEXT_TOO_LONG:
         return ApiError(400, message, "string_above_max_length", "input")
     if code == P.BAD_REQUEST:
         return ApiError(400, message, "invalid_request")
-    if code in (P.BUSY, P.SHUTTING_DOWN):
-        return ApiError(503, message, "queue_full" if code == P.BUSY else "shutting_down", kind="server_error",
-                        retry_after=retry_after)
-    return ApiError(500, message, code.lower(), kind="server_error")
-
-
-def failure_error(code: str, message: str, retry_after: int) -> ApiError:
-    if code in (P.WORKER_LOST, "INCOMPLETE_AUDIO"):
+    if code == P.CANNOT_CLONE:
+        return ApiError(400, message, "cannot_clone", "voice")
+    if code == js.TIMEOUT:
+        return ApiError(504, message, "timeout", kind="server_error")
+    if code == js.CLIENT_CLOSED:
+        return ApiError(499, message, "client_closed")
+    if code == js.NO_AUDIO:
+        return ApiError(500, message, "no_audio", kind="server_error")
+    if code in (P.WORKER_LOST, js.INCOMPLETE_AUDIO):
         return ApiError(502, message, code.lower(), kind="server_error")
-    if code in ("GATEWAY_STOPPED", P.CLIENT_GONE, P.CANCELLED, P.SHUTTING_DOWN):
+    unavailable = {P.BUSY: "queue_full", P.SHUTTING_DOWN: "shutting_down", js.NO_WORKERS: "no_workers",
+                   js.BROKER_UNREACHABLE: "broker_unreachable"}
+    if code in unavailable:
+        return ApiError(503, message, unavailable[code], kind="server_error", retry_after=retry_after)
+    if code in (js.GATEWAY_STOPPED, P.CLIENT_GONE, P.CANCELLED):
         return ApiError(503, message, code.lower(), kind="server_error", retry_after=retry_after)
     return ApiError(500, message, code.lower(), kind="server_error")
 
@@ -200,20 +204,23 @@ class HttpGateway:
         try:
             self.check_auth(request)
             req = parse_speech(await self._json(request), self.formats)
-            handle = await self._submit(req)
-            first = await self._first_audio(handle, request)
+            stream = await self._open(req, t0)
+            try:
+                rate = await stream.start(request.is_disconnected)
+            except js.JobError as err:
+                raise job_error(err, self.config.retry_after_s) from None
         except ApiError as err:
             self.metrics.requests.labels(API, str(err.status)).inc()
             return err.response()
         self.metrics.requests.labels(API, "200").inc()
-        encoder = make_encoder(req.response_format, first.sample_rate, self.config.pcm_rate)
-        headers = {"X-Cosy-Job": handle.job, "X-Sample-Rate": str(encoder.sample_rate), "Cache-Control": "no-store"}
-        stream = self._stream(handle, first, encoder, t0)
+        encoder = make_encoder(req.response_format, rate, self.config.pcm_rate)
+        headers = {"X-Cosy-Job": stream.job, "X-Sample-Rate": str(encoder.sample_rate), "Cache-Control": "no-store"}
+        body = self._stream(stream, encoder)
         if req.stream_format == "sse":
-            return AudioStreamResponse(_sse(stream), media_type="text/event-stream", headers=headers)
+            return AudioStreamResponse(_sse(body, stream), media_type="text/event-stream", headers=headers)
         if req.response_format == "pcm":
             headers.update({"X-Sample-Format": "s16le", "X-Channels": "1"})
-        return AudioStreamResponse(stream, media_type=encoder.content_type, headers=headers)
+        return AudioStreamResponse(body, media_type=encoder.content_type, headers=headers)
 
     async def models(self, request: Request) -> Response:
         try:
@@ -292,112 +299,29 @@ class HttpGateway:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
 
-    async def _submit(self, req: SpeechRequest) -> JobHandle | SegmentedJob:
-        retry = self.config.retry_after_s
-        try:
-            snap = await self.bridge.status()
-        except GatewayError as exc:
-            raise ApiError(503, str(exc), "broker_unreachable", kind="server_error", retry_after=retry) from None
-        if not snap.workers:
-            raise ApiError(503, "no workers are connected to the broker", "no_workers", kind="server_error",
-                           retry_after=retry)
+    async def _open(self, req: SpeechRequest, t0: float) -> js.JobStream:
         voice = self.config.voice_aliases.get(req.voice, req.voice) if req.voice else None
         spec = JobSpec(text=req.text, voice=voice, speed=req.speed, priority=self.config.priority)
         spec.job = f"http-{spec.job}"
-        parts = split_text(req.text) if self.config.split and len(snap.workers) > 1 else []
-        if len(parts) > 1:
-            specs = [JobSpec(text=t, voice=voice, speed=req.speed, priority=self.config.priority, job=f"{spec.job}-{i}")
-                     for i, t in enumerate(parts)]
-            return start_segmented(spec.job, specs, self.bridge.submit, self.bridge.cancel, len(snap.workers))
         try:
-            return self.bridge.submit(spec)
-        except GatewayError as exc:
-            raise ApiError(503, str(exc), "shutting_down", kind="server_error", retry_after=retry) from None
+            return await js.open_stream(self.bridge, spec, timeout_s=self.config.timeout_s, split=self.config.split,
+                                        metrics=self.metrics, api=API, t0=t0)
+        except js.JobError as err:
+            raise job_error(err, self.config.retry_after_s) from None
 
-    async def _first_audio(self, handle: JobHandle, request: Request) -> Audio:
-        """Wait for the job's first audio; a rejection, failure or timeout becomes an ApiError."""
-        deadline = time.monotonic() + self.config.timeout_s
-        retry = self.config.retry_after_s
+    async def _stream(self, stream: js.JobStream, encoder: StreamEncoder) -> AsyncIterator[bytes]:
+        """The encoded audio; a StreamAborted leaves it, so the response ends without its final chunk."""
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ApiError(504, f"no audio within {self.config.timeout_s:g} s; the job was cancelled",
-                                   "timeout", kind="server_error")
-                try:
-                    ev = await asyncio.wait_for(handle.events.get(), min(left, 0.5))
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise ApiError(499, "the client went away", "client_closed") from None
-                    continue
-                if isinstance(ev, Audio):
-                    return ev
-                if isinstance(ev, Rejected):
-                    handle.finished = True
-                    raise rejection_error(ev.code, ev.message, retry)
-                if isinstance(ev, Failed):
-                    handle.finished = True
-                    raise failure_error(ev.code, ev.message, retry)
-                if isinstance(ev, Completed):  # no audio at all (an engine that yielded nothing)
-                    handle.finished = True
-                    raise ApiError(500, "the job produced no audio", "no_audio", kind="server_error")
-        except BaseException:
-            self.bridge.cancel(handle)
-            raise
-
-    async def _stream(self, handle: JobHandle, first: Audio, encoder: StreamEncoder, t0: float) -> AsyncIterator[bytes]:
-        m = self.metrics
-        m.active.labels(API).inc()
-        sent = 0
-        completed = False
-        try:
-            data = encoder.encode(first.pcm)
-            sent += len(first.pcm)
-            m.ttfb.labels(API).observe(time.monotonic() - t0)
-            yield data
-            while True:
-                try:
-                    ev = await asyncio.wait_for(handle.events.get(), self.config.timeout_s)
-                except asyncio.TimeoutError:
-                    raise StreamAborted(f"job {handle.job}: no audio for {self.config.timeout_s:g} s") from None
-                if isinstance(ev, Audio):
-                    if ev.restart:
-                        raise StreamAborted(f"job {handle.job}: attempt {ev.attempt} restarted the audio "
-                                            f"after {sent} samples were sent")
-                    sent += len(ev.pcm)
-                    data = encoder.encode(ev.pcm)
-                    if data:
-                        yield data
-                elif isinstance(ev, Completed):
-                    yield self._complete(handle, ev, encoder, sent)
-                    completed = True
-                    m.audio_seconds.labels(API).inc(len(ev.audio) / ev.sample_rate)
-                    m.job_done(ev.done.ttfc_ms, ev.done.rtf)
-                    return
-                elif isinstance(ev, (Failed, Rejected)):
-                    handle.finished = True
-                    raise StreamAborted(f"job {handle.job} failed mid-stream ({ev.code}): {ev.message}")
-                elif isinstance(ev, BrokerRestarted):
-                    log.info("job %s: the broker restarted; resubmitted", handle.job)
-        except StreamAborted as exc:
-            log.warning("aborting the response: %s", exc)
-            raise
+            async with contextlib.aclosing(stream.audio()) as chunks:
+                async for data in chunks:
+                    out = encoder.encode(np.frombuffer(data, dtype="<i2"))
+                    if out:
+                        yield out
+            yield encoder.finish()
         finally:
-            m.active.labels(API).dec()
-            if not completed and not handle.finished:
-                m.disconnects.labels(API).inc()
-                log.info("job %s: the client went away after %d samples; cancelled", handle.job, sent)
-                self.bridge.cancel(handle)
-
-    @staticmethod
-    def _complete(handle: JobHandle, ev: Completed, encoder: StreamEncoder, sent: int) -> bytes:
-        """The end of the stream: audio the live events did not carry (if any), then the trailer."""
-        handle.finished = True
-        total = len(ev.audio)
-        if sent > total:
-            raise StreamAborted(f"job {handle.job}: sent {sent} samples but the job has {total}")
-        tail = encoder.encode(ev.audio[sent:]) if sent < total else b""
-        return tail + encoder.finish()
+            if stream.cancel():
+                self.metrics.disconnects.labels(API).inc()
+                log.info("job %s: the client went away after %d samples; cancelled", stream.job, stream.samples_sent)
 
 
 class AudioStreamResponse(StreamingResponse):
@@ -412,19 +336,17 @@ class AudioStreamResponse(StreamingResponse):
                 await aclose()
 
 
-async def _sse(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """OpenAI's stream_format=sse: speech.audio.delta events with base64 audio, then speech.audio.done."""
-    try:
-        async for data in stream:
+async def _sse(body: AsyncIterator[bytes], stream: js.JobStream) -> AsyncIterator[bytes]:
+    """OpenAI's stream_format=sse: speech.audio.delta events with base64 audio, then speech.audio.done with
+    ``usage`` (see :meth:`cosy.gateways.jobstream.StreamTotals.usage`)."""
+    async with contextlib.aclosing(body) as parts:
+        async for data in parts:
             if data:
                 event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
                 yield f"data: {json.dumps(event)}\n\n".encode()
-        done = {"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}}
-        yield f"data: {json.dumps(done)}\n\n".encode()
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+    assert stream.totals is not None  # the body ended normally: the job is complete
+    done = {"type": "speech.audio.done", "usage": stream.totals.usage()}
+    yield f"data: {json.dumps(done)}\n\n".encode()
 
 
 # --- the app and the process ----------------------------------------------------------------
@@ -457,8 +379,6 @@ def create_app(endpoints: Endpoints, config: HttpConfig, metrics: GatewayMetrics
 
 
 def _lifespan_context(fn: Any) -> Any:
-    import contextlib
-
     return contextlib.asynccontextmanager(fn)
 
 

@@ -11,8 +11,8 @@ sentence jobs, the next sentences synthesize on other workers while the first on
   while another worker is free. With one worker there is nothing to gain (one job already streams
   sentence by sentence, the next synthesized while the last plays), so the gateway does not split.
 
-:class:`SegmentedJob` looks like a :class:`~cosy.gateways.bridge.JobHandle` to the gateways: one
-queue of events (Audio in order, then one Completed, or one Failed/Rejected).
+:class:`SegmentedJob` is a :class:`~cosy.gateways.bridge.JobEvents` like one job's handle: one queue of
+events (Audio in order, then one Completed, or one Failed/Rejected), and one ``cancel()``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from cosy import protocol as P
 from cosy.client import Audio, BrokerRestarted, Completed, Event, Failed, JobSpec, Rejected
+from cosy.gateways.bridge import JobEvents
 
 # A sentence ends at . ! ? … (and their CJK forms) plus any closing quotes or brackets, then space; or at a
 # blank line.
@@ -92,36 +93,33 @@ def split_text(text: str, max_chars: int = MAX_SEGMENT_CHARS) -> list[str]:
 
 
 @dataclass(eq=False)
-class SegmentedJob:
-    """Several jobs streamed as one. Create with :func:`start_segmented`; cancel with :meth:`cancel`."""
+class SegmentedJob(JobEvents):
+    """Several jobs streamed as one. Create with :func:`start_segmented`; read and cancel it as any
+    :class:`~cosy.gateways.bridge.JobEvents`."""
 
     job: str
     parts: list[JobSpec]
-    cancel_part: Callable[[object], None]  # the bridge's cancel, for one part's JobHandle
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     finished: bool = False
-    handles: list = field(default_factory=list)  # JobHandles of the parts submitted so far
-    task: asyncio.Task | None = None
+    handles: list[JobEvents] = field(default_factory=list)  # the parts submitted so far
+    task: asyncio.Task[None] | None = None
 
-    def cancel(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
+    def _stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
-        for handle in self.handles:
-            self.cancel_part(handle)
+        for handle in self.handles:  # a part that already ended ignores it
+            handle.cancel()
 
 
-def start_segmented(job: str, specs: list[JobSpec], submit: Callable[[JobSpec], object],
-                    cancel: Callable[[object], None], window: int) -> SegmentedJob:
+def start_segmented(job: str, specs: list[JobSpec], submit: Callable[[JobSpec], JobEvents],
+                    window: int) -> SegmentedJob:
     """Submit the parts (``submit`` returns a JobHandle) at most ``window`` ahead, and merge their events."""
-    seg = SegmentedJob(job, specs, cancel)
+    seg = SegmentedJob(job, specs)
     seg.task = asyncio.get_running_loop().create_task(_merge(seg, submit, max(1, window)))
     return seg
 
 
-async def _merge(seg: SegmentedJob, submit: Callable[[JobSpec], object], window: int) -> None:
+async def _merge(seg: SegmentedJob, submit: Callable[[JobSpec], JobEvents], window: int) -> None:
     out = seg.events
     datas: list[bytes] = []
     dones: list[P.JobDone] = []
@@ -138,9 +136,8 @@ async def _merge(seg: SegmentedJob, submit: Callable[[JobSpec], object], window:
         return True
 
     def fail(code: str, message: str, rejected: Rejected | None = None) -> None:
-        seg.finished = True
-        for handle in seg.handles:  # the bridge ignores the parts that already ended
-            seg.cancel_part(handle)
+        for handle in seg.handles:
+            handle.cancel()
         out.put_nowait(Rejected(seg.job, code, message, rejected.voices) if rejected
                        else Failed(seg.job, code, message))
 
@@ -150,7 +147,7 @@ async def _merge(seg: SegmentedJob, submit: Callable[[JobSpec], object], window:
         handle = seg.handles[i]
         emitted = False
         while True:
-            ev = await handle.events.get()
+            ev = await handle.next_event()
             if isinstance(ev, Audio):
                 if dones and ev.sample_rate != dones[0].sample_rate:
                     fail(P.ENGINE_ERROR, f"sentence {i + 1} came at {ev.sample_rate} Hz, the first at "
@@ -179,7 +176,6 @@ async def _merge(seg: SegmentedJob, submit: Callable[[JobSpec], object], window:
             elif isinstance(ev, BrokerRestarted) and not restarted:
                 restarted = True
                 out.put_nowait(ev)
-    seg.finished = True
     data = b"".join(datas)
     first, rate = dones[0], dones[0].sample_rate
     seconds = len(data) / 2 / rate if rate else 0.0

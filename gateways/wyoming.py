@@ -9,14 +9,15 @@
   ``audio-start``/``audio-stop`` cycle per sentence (as wyoming-piper does), then
   ``synthesize-stopped``. A plain ``synthesize`` inside a stream (Home Assistant sends one for
   older servers) is ignored.
-- Failures are ``error`` events; a client that disconnects cancels its jobs.
+- Failures are ``error`` events; a client that disconnects cancels its jobs. Each job is read through
+  :mod:`cosy.gateways.jobstream`, as the other gateways read theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from functools import partial
 from urllib.parse import urlparse
@@ -30,9 +31,10 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from cosy import __version__
 from cosy import protocol as P
-from cosy.client import Audio, Completed, Failed, JobSpec, Rejected
+from cosy.client import JobSpec
 from cosy.endpoints import Endpoints
-from cosy.gateways.bridge import BrokerBridge, GatewayError, JobHandle
+from cosy.gateways import jobstream as js
+from cosy.gateways.bridge import BrokerBridge, GatewayError
 from cosy.gateways.segments import SentenceSplitter
 from cosy.metrics import GatewayMetrics
 
@@ -62,13 +64,6 @@ def parse_uri(uri: str) -> tuple[str | None, int | None]:
     if parsed.scheme in ("unix", "stdio"):
         return None, None
     raise ValueError(f"--uri must be tcp://HOST:PORT, unix://PATH or stdio://, got {uri!r}")
-
-
-class SpeakError(Exception):
-    def __init__(self, text: str, code: str) -> None:
-        super().__init__(text)
-        self.text = text
-        self.code = code
 
 
 @dataclass
@@ -103,11 +98,13 @@ class WyomingGateway:
                              version=__version__, voices=voices, supports_synthesize_streaming=True)
         return Info(tts=[program])
 
-    def submit(self, text: str, voice: SynthesizeVoice | None) -> JobHandle:
+    async def open(self, text: str, voice: SynthesizeVoice | None) -> js.JobStream:
+        """Submit one sentence (or a whole one-shot text) as a job; JobError when it cannot be."""
         name = voice.name if voice is not None and voice.name else None
         spec = JobSpec(text=text, voice=name, priority=P.INTERACTIVE)
         spec.job = f"wy-{spec.job}"
-        return self.bridge.submit(spec)
+        return await js.open_stream(self.bridge, spec, timeout_s=self.config.timeout_s, metrics=self.metrics,
+                                    api=API)
 
 
 class CosyEventHandler(AsyncEventHandler):
@@ -117,8 +114,8 @@ class CosyEventHandler(AsyncEventHandler):
                  gateway: WyomingGateway) -> None:
         super().__init__(reader, writer)
         self.gw = gateway
-        self._out: asyncio.Queue[JobHandle | StreamEnd | SpeakError] = asyncio.Queue()
-        self._open: set[JobHandle] = set()
+        self._out: asyncio.Queue[js.JobStream | StreamEnd | js.JobError] = asyncio.Queue()
+        self._open: set[js.JobStream] = set()
         self._speaker: asyncio.Task[None] | None = None
         self._splitter: SentenceSplitter | None = None
         self._stream_voice: SynthesizeVoice | None = None
@@ -129,36 +126,36 @@ class CosyEventHandler(AsyncEventHandler):
         elif Synthesize.is_type(event.type):
             if self._splitter is None:  # inside a stream it only repeats the text for older servers
                 synth = Synthesize.from_event(event)
-                self._queue_text(synth.text, synth.voice)
+                await self._queue_text(synth.text, synth.voice)
         elif SynthesizeStart.is_type(event.type):
             self._splitter = SentenceSplitter()
             self._stream_voice = SynthesizeStart.from_event(event).voice
         elif SynthesizeChunk.is_type(event.type):
             if self._splitter is not None:
                 for sentence in self._splitter.add(SynthesizeChunk.from_event(event).text):
-                    self._queue_text(sentence, self._stream_voice)
+                    await self._queue_text(sentence, self._stream_voice)
         elif SynthesizeStop.is_type(event.type):
             if self._splitter is not None:
                 rest = self._splitter.finish()
                 if rest:
-                    self._queue_text(rest, self._stream_voice)
+                    await self._queue_text(rest, self._stream_voice)
                 self._splitter = None
                 self._enqueue(StreamEnd())
         return True
 
-    def _queue_text(self, text: str, voice: SynthesizeVoice | None) -> None:
+    async def _queue_text(self, text: str, voice: SynthesizeVoice | None) -> None:
         if not text.strip():
             return
         try:
-            handle = self.gw.submit(text, voice)
-        except GatewayError as exc:
-            log.warning("cannot submit: %s", exc)
-            self._enqueue(SpeakError(str(exc), "unavailable"))
+            stream = await self.gw.open(text, voice)
+        except js.JobError as err:
+            log.warning("cannot submit: %s", err.message)
+            self._enqueue(err)
             return
-        self._open.add(handle)
-        self._enqueue(handle)
+        self._open.add(stream)
+        self._enqueue(stream)
 
-    def _enqueue(self, item: JobHandle | StreamEnd | SpeakError) -> None:
+    def _enqueue(self, item: js.JobStream | StreamEnd | js.JobError) -> None:
         self._out.put_nowait(item)
         if self._speaker is None:
             self._speaker = asyncio.create_task(self._speak_all(), name="cosy wyoming speaker")
@@ -170,67 +167,39 @@ class CosyEventHandler(AsyncEventHandler):
             if isinstance(item, StreamEnd):
                 await self.write_event(SynthesizeStopped().event())
                 continue
-            if isinstance(item, SpeakError):
-                await self.write_event(Error(item.text, item.code).event())
+            if isinstance(item, js.JobError):
+                await self._error(item)
                 continue
             try:
                 await self._speak(item)
-            except SpeakError as exc:
-                log.warning("job %s: %s", item.job, exc.text)
-                await self.write_event(Error(exc.text, exc.code).event())
+            except js.JobError as err:
+                log.warning("job %s: %s", item.job, err.message)
+                await self._error(err)
             finally:
                 self._open.discard(item)
 
-    async def _speak(self, handle: JobHandle) -> None:
-        m = self.gw.metrics
-        t0 = time.monotonic()
-        started = False
-        sent = 0
-        m.active.labels(API).inc()
-        try:
-            while True:
-                try:
-                    ev = await asyncio.wait_for(handle.events.get(), self.gw.config.timeout_s)
-                except asyncio.TimeoutError:
-                    raise SpeakError(f"no audio for {self.gw.config.timeout_s:g} s", "timeout") from None
-                if isinstance(ev, Audio):
-                    if ev.restart and sent:
-                        raise SpeakError("a worker was lost mid-sentence; the audio sent cannot be taken back",
-                                         P.WORKER_LOST)
-                    if not started:
-                        m.ttfb.labels(API).observe(time.monotonic() - t0)
-                        await self.write_event(AudioStart(ev.sample_rate, SAMPLE_WIDTH, CHANNELS).event())
-                        started = True
-                    sent += len(ev.pcm)
-                    await self.write_event(AudioChunk(ev.sample_rate, SAMPLE_WIDTH, CHANNELS,
-                                                      ev.pcm.astype("<i2", copy=False).tobytes()).event())
-                elif isinstance(ev, Completed):
-                    handle.finished = True
-                    await self._finish(ev, started, sent)
-                    m.requests.labels(API, "200").inc()
-                    return
-                elif isinstance(ev, (Rejected, Failed)):
-                    handle.finished = True
-                    m.requests.labels(API, ev.code.lower()).inc()
-                    raise SpeakError(ev.message, ev.code.lower())
-        except SpeakError:
-            if started:  # close the audio cycle, then the error says why it is short
-                await self.write_event(AudioStop().event())
-            raise
-        finally:
-            m.active.labels(API).dec()
-            if not handle.finished:
-                self.gw.bridge.cancel(handle)
+    async def _error(self, err: js.JobError) -> None:
+        self.gw.metrics.requests.labels(API, err.code.lower()).inc()
+        await self.write_event(Error(err.message, err.code.lower()).event())
 
-    async def _finish(self, ev: Completed, started: bool, sent: int) -> None:
-        rate = ev.sample_rate
-        if not started:
+    async def _speak(self, stream: js.JobStream) -> None:
+        """One audio-start ... audio-stop cycle; a failure after audio-start still closes it, then the error
+        event (sent by the caller) says why it is short."""
+        try:
+            rate = await stream.start()
             await self.write_event(AudioStart(rate, SAMPLE_WIDTH, CHANNELS).event())
-        if sent < len(ev.audio):  # audio the live events did not carry (should not happen)
-            await self.write_event(AudioChunk(rate, SAMPLE_WIDTH, CHANNELS, ev.audio[sent:].tobytes()).event())
-        await self.write_event(AudioStop().event())
-        self.gw.metrics.audio_seconds.labels(API).inc(len(ev.audio) / rate)
-        self.gw.metrics.job_done(ev.done.ttfc_ms, ev.done.rtf)
+            try:
+                async with contextlib.aclosing(stream.audio()) as chunks:
+                    async for data in chunks:
+                        await self.write_event(AudioChunk(rate, SAMPLE_WIDTH, CHANNELS, data).event())
+            except js.StreamAborted:
+                await self.write_event(AudioStop().event())
+                raise
+            await self.write_event(AudioStop().event())
+            self.gw.metrics.requests.labels(API, "200").inc()
+        finally:
+            if stream.cancel():  # still live: the client went away (or the connection broke) mid-job
+                self.gw.metrics.disconnects.labels(API).inc()
 
     async def disconnect(self) -> None:
         """The client went away: stop sending and cancel what it asked for."""
@@ -240,10 +209,9 @@ class CosyEventHandler(AsyncEventHandler):
                 await self._speaker
             except (asyncio.CancelledError, Exception):
                 pass
-        for handle in list(self._open):
-            if not handle.finished:
+        for stream in list(self._open):
+            if stream.cancel():
                 self.gw.metrics.disconnects.labels(API).inc()
-            self.gw.bridge.cancel(handle)
         self._open.clear()
 
 
