@@ -17,9 +17,9 @@ setup() {
         "$PY" -m venv "$VENV"
     fi
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        echo "dev.sh: installing cosy with the piper, http and test extras into $VENV" >&2
+        echo "dev.sh: installing cosy with the piper, http, grpc and test extras into $VENV" >&2
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e ".[piper,http,test]"
+        "$VENV/bin/python" -m pip install -q -e ".[piper,http,grpc,test]"
         echo "$want" > "$stamp"
     fi
 }
