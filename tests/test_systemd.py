@@ -293,3 +293,36 @@ def test_install_writes_engine_and_model_to_worker_env(tmp_path: Path) -> None:
     env = (tmp_path / "etc" / "worker.env").read_text()
     assert "COSY_ENGINE=cosyvoice" in env and f"COSY_WORKER_ARGS=--option model_dir={model}" in env
     assert "${COSY_ENGINE} $COSY_WORKER_ARGS" in (units / "cosy-worker@.service").read_text()
+
+
+# --- the gateway units ------------------------------------------------------------------------
+
+GATEWAY_UNITS = {"cosy-http.service": "http", "cosy-wyoming.service": "wyoming", "cosy-grpc.service": "grpc"}
+
+
+def test_install_renders_every_gateway_unit_with_its_command(tmp_path: Path) -> None:
+    proc = cosy_cli("systemd", "install", "--dry-run", "--gpus", "0", "--unit-dir", str(tmp_path / "units"),
+                    "--config-dir", str(tmp_path / "etc"))
+    assert proc.returncode == 0, proc.stderr
+    files = _sections(proc.stdout)
+    for unit, command in GATEWAY_UNITS.items():
+        text = files[str(tmp_path / "units" / unit)]
+        (exec_line,) = [ln for ln in text.splitlines() if ln.startswith("ExecStart=")]
+        program, sub, *_ = shlex.split(exec_line.split("=", 1)[1])
+        assert os.path.isabs(program) and os.access(program, os.X_OK), exec_line
+        assert sub == command, exec_line
+        assert "PartOf=cosy.target" in text and "After=network.target cosy-broker.service" in text
+        assert re.search(r"^User=cosy$", text, re.M) and re.search(r"^NoNewPrivileges=yes$", text, re.M)
+        assert f"also installed, not enabled: {unit}" in proc.stderr
+    grpc_unit = files[str(tmp_path / "units" / "cosy-grpc.service")]
+    assert 'Environment="COSY_GRPC_ARGS=--host 127.0.0.1 --port 50051"' in grpc_unit  # loopback, the default port
+    assert "EnvironmentFile=-%E/cosy/grpc.env" in grpc_unit
+
+
+@needs_analyze
+@pytest.mark.parametrize("user", [False, True], ids=["system", "user"])
+def test_gateway_units_pass_systemd_analyze_verify(tmp_path: Path, user: bool) -> None:
+    units = _install(tmp_path, "--gpus", "0", *(["--user"] if user else []))
+    proc = _verify(units, ["cosy-broker.service", *GATEWAY_UNITS], user, tmp_path)
+    ours = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "cosy" in ln]
+    assert proc.returncode == 0 and not ours, proc.stdout + proc.stderr
