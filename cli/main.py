@@ -245,7 +245,7 @@ def status(
 # Commands that live in their own modules. Each module has register(app) and keeps its heavy
 # imports inside the command functions.
 COMMAND_MODULES: tuple[str, ...] = ("cosy.cli.voices_cmd", "cosy.cli.doctor", "cosy.cli.systemd_cmd",
-                                     "cosy.cli.gateway_cmds", "cosy.cli.bench_cmd")
+                                     "cosy.cli.gateway_cmds", "cosy.cli.grpc_cmd", "cosy.cli.bench_cmd")
 
 
 def _register_commands() -> None:
