@@ -373,6 +373,8 @@ def create_app(endpoints: Endpoints, config: HttpConfig, metrics: GatewayMetrics
         Route("/readyz", gw.readyz, methods=["GET"]),
         Route("/metrics", gw.prometheus, methods=["GET"]),
     ]
+    from cosy.gateways import runtime_http  # the official CosyVoice runtime's routes (it imports this module)
+    routes += runtime_http.routes(gw)
     app = Starlette(routes=routes, lifespan=_lifespan_context(lifespan))
     app.state.gateway = gw
     return app
