@@ -10,14 +10,25 @@ both define ``cosyvoice.Request`` and one descriptor pool cannot hold the same n
 from __future__ import annotations
 
 import importlib
+import signal
+import socket
+import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from stack import Stack, wait_for
+
+from cosy.endpoints import free_tcp_base
+
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_COPY = Path(__file__).resolve().parent / "grpc_official" / "cosyvoice.proto"
 OURS = ROOT / "gateways" / "proto" / "cosyvoice.proto"
+COSY = (sys.executable, "-m", "cosy")
+SERVING = 1  # grpc.health.v1.HealthCheckResponse.ServingStatus
+NOT_SERVING = 2
 
 
 def protoc(*args: str) -> None:
@@ -56,3 +67,64 @@ def wire_format(proto: Path, out: Path) -> dict[str, Any]:
     services = {s.name: sorted((m.name, m.input_type, m.output_type, m.client_streaming, m.server_streaming)
                                for m in s.method) for s in fd.service}
     return {"package": fd.package, "syntax": fd.syntax, "messages": messages, "services": services}
+
+
+@dataclass
+class GrpcProcess:
+    """`cosy grpc` as a process, stopped by PID with the rest of the stack."""
+
+    stack: Stack
+    args: list[str] = field(default_factory=list)
+    port: int = field(default_factory=lambda: free_tcp_base(n=1))
+    proc: subprocess.Popen | None = None
+    channel: Any = None
+
+    def start(self) -> GrpcProcess:
+        log = open(self.stack.runtime_dir / f"grpc-{self.port}.log", "ab")  # noqa: SIM115
+        self.stack.logs.append(Path(log.name))
+        self.proc = subprocess.Popen([*COSY, "grpc", "--port", str(self.port), "--runtime-dir",
+                                      str(self.stack.runtime_dir), *self.args],
+                                     env=self.stack.env, stdout=log, stderr=subprocess.STDOUT)
+        self.stack.procs.append(self.proc)
+        wait_for(self._listening, 30, f"cosy grpc on port {self.port}")
+        import grpc
+
+        self.channel = grpc.insecure_channel(self.address)
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"cosy grpc exited with {self.proc.returncode}:\n{self.stack.log_text()}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def health(self, service: str = "") -> int:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+    def wait_serving(self) -> GrpcProcess:
+        wait_for(lambda: self.health() == SERVING, 20, "cosy grpc to say SERVING")
+        return self
+
+    def status(self, metadata: tuple = ()) -> Any:
+        from cosy.gateways.proto import cosy_status_pb2, cosy_status_pb2_grpc
+
+        stub = cosy_status_pb2_grpc.StatusStub(self.channel)
+        return stub.Get(cosy_status_pb2.StatusRequest(), timeout=10, metadata=metadata)
+
+    def stop(self) -> int | None:
+        """SIGTERM, as systemd stops it; the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(15)
+        if self.channel is not None:
+            self.channel.close()
+        return self.proc.returncode

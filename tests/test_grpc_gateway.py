@@ -9,12 +9,11 @@ the tone engine for exact lengths and timing) and the gateway run as processes.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,15 +30,20 @@ grpc = pytest.importorskip("grpc")
 pytest.importorskip("grpc_tools")
 pytest.importorskip("grpc_health")
 
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-from grpc_stubs import OFFICIAL_COPY, OURS, generate_client, wire_format  # noqa: E402
+from grpc_stubs import (  # noqa: E402
+    NOT_SERVING,
+    OFFICIAL_COPY,
+    OURS,
+    SERVING,
+    GrpcProcess,
+    generate_client,
+    wire_format,
+)
 
-from cosy.gateways.proto import cosy_status_pb2, cosy_status_pb2_grpc  # noqa: E402
+from cosy.gateways.proto import cosy_status_pb2  # noqa: E402
 
 COSY = (sys.executable, "-m", "cosy")
 API_KEY = "grpc-key-123"
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 METHOD = "/cosyvoice.CosyVoice/Inference"
 
 
@@ -52,61 +56,6 @@ def prompt(seconds: float, rate: int = P.PROMPT_RATE) -> bytes:
     """A prompt as the official client sends it: 16 kHz int16 PCM bytes (here a 190 Hz tone)."""
     t = np.arange(int(seconds * rate)) / rate
     return (0.3 * 32767 * np.sin(2 * np.pi * 190 * t)).astype("<i2").tobytes()
-
-
-@dataclass
-class GrpcProcess:
-    """`cosy grpc` as a process, stopped by PID with the rest of the stack."""
-
-    stack: Stack
-    args: list[str] = field(default_factory=list)
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-    channel: Any = None
-
-    def start(self) -> GrpcProcess:
-        log = open(self.stack.runtime_dir / f"grpc-{self.port}.log", "ab")  # noqa: SIM115
-        self.stack.logs.append(Path(log.name))
-        self.proc = subprocess.Popen([*COSY, "grpc", "--port", str(self.port), "--runtime-dir",
-                                      str(self.stack.runtime_dir), *self.args],
-                                     env=self.stack.env, stdout=log, stderr=subprocess.STDOUT)
-        self.stack.procs.append(self.proc)
-        wait_for(self._listening, 30, f"cosy grpc on port {self.port}")
-        self.channel = grpc.insecure_channel(self.address)
-        return self
-
-    def _listening(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"cosy grpc exited with {self.proc.returncode}:\n{self.stack.log_text()}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def health(self, service: str = "") -> int:
-        stub = health_pb2_grpc.HealthStub(self.channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
-
-    def wait_serving(self) -> GrpcProcess:
-        wait_for(lambda: self.health() == SERVING, 20, "cosy grpc to say SERVING")
-        return self
-
-    def status(self, metadata: tuple = ()) -> Any:
-        stub = cosy_status_pb2_grpc.StatusStub(self.channel)
-        return stub.Get(cosy_status_pb2.StatusRequest(), timeout=10, metadata=metadata)
-
-    def stop(self) -> int | None:
-        """SIGTERM, as systemd stops it; the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(15)
-        if self.channel is not None:
-            self.channel.close()
-        return self.proc.returncode
 
 
 @dataclass
