@@ -67,7 +67,12 @@ def http(
     pcm_rate: str = typer.Option("24000", "--pcm-rate",
                                  help="Sample rate of response_format=pcm: 24000 (OpenAI's) or 'native'."),
     voice_alias: list[str] = typer.Option([], "--voice-alias",
-                                          help="NAME=VOICE: answer requests for NAME (e.g. alloy) with VOICE."),
+                                          help="NAME=VOICE: answer requests for NAME (e.g. alloy) with VOICE; "
+                                          "*=VOICE for every OpenAI name. Adds to the config file's "
+                                          "[voice_aliases] (repeatable)."),
+    voices_dir: Path | None = typer.Option(None, "--voices-dir", envvar="COSY_VOICES_DIR",
+                                           help="Voice registry that POST /v1/audio/voices adds to "
+                                           "[default: $XDG_DATA_HOME/cosy/voices]."),
     split: bool = typer.Option(True, "--split/--no-split",
                                help="With 2+ workers, synthesize a long input as sentence jobs across them."),
     runtime_dir: Path | None = RuntimeDirOpt,
@@ -79,10 +84,12 @@ def http(
 
     Examples:\n
       cosy http --port 8000\n
+      cosy http --voice-alias alloy=joe --voice-alias '*=joe'\n
       curl -s localhost:8000/v1/audio/speech -d '{"input": "Hello.", "voice": "joe", "response_format": "wav"}' | aplay
     """
     _need_http_extra()
     from cosy import logs
+    from cosy.config import voice_aliases
     from cosy.gateways.http import HttpConfig, is_loopback, run_http
 
     logs.setup(log_level)
@@ -93,7 +100,8 @@ def http(
         exits.fail(f"--pcm-rate must be a rate in Hz (8000-192000) or 'native', got {pcm_rate!r}", exits.USAGE)
     config = HttpConfig(host=host, port=port, api_key=api_key or None, timeout_s=timeout,
                         pcm_rate=None if pcm_rate == "native" else int(pcm_rate),
-                        voice_aliases=_pairs(voice_alias, "--voice-alias"), split=split)
+                        voice_aliases={**voice_aliases(), **_pairs(voice_alias, "--voice-alias")}, split=split,
+                        voices_dir=voices_dir)
     raise typer.Exit(run_http(_endpoints(runtime_dir, connect, curve_dir), config, log_level))
 
 

@@ -8,6 +8,10 @@ Where: ``$COSY_CONFIG`` if set, else ``$XDG_CONFIG_HOME/cosy/config.toml``, else
     runtime_dir = "/run/cosy"      # default for --runtime-dir (every command that talks to a broker)
     connect = "tcp://gpu1:5555"    # default for --connect (clients and workers)
 
+    [voice_aliases]                # `cosy http`: what a request's voice names (gateways/voice_names.py)
+    alloy = "joe"                  # one of OpenAI's names, or any name of your own
+    "*" = "joe"                    # every OpenAI name without an alias of its own
+
 Precedence, highest first: the command line, the environment (``COSY_VOICE``,
 ``COSY_RUNTIME_DIR``, ``COSY_CONNECT``), this file, the built-in default. The file is
 applied as click's ``default_map`` (see :func:`cli_default_map`), which click consults
@@ -15,6 +19,9 @@ after the command line and the environment variable and before the built-in defa
 
 Read with :mod:`tomllib` (Python 3.11+); on 3.10 with ``tomli`` when installed, else the
 file is ignored with a warning.
+
+``voice_aliases`` is not a click default: ``cosy http`` merges it with its ``--voice-alias``
+options (an option wins for the same name), see :func:`voice_aliases`.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-KEYS: dict[str, type] = {"voice": str, "speed": float, "runtime_dir": str, "connect": str}
+KEYS: dict[str, type] = {"voice": str, "speed": float, "runtime_dir": str, "connect": str, "voice_aliases": dict}
 
 # Which options of which command each key is the default for: {command path: {parameter name: key}}.
 # A command that does not exist (yet) is harmless: click only reads the entries it needs.
@@ -93,7 +100,20 @@ def validate(data: dict[str, Any], where: str = "the config file", warn: Warn = 
         raise ConfigError(f"{where}: speed {out['speed']} is outside 0.25-4.0")
     if "voice" in out and not out["voice"].strip():
         raise ConfigError(f"{where}: voice is empty")
+    for name, target in out.get("voice_aliases", {}).items():
+        if not isinstance(target, str) or not target.strip() or not name.strip():
+            raise ConfigError(f"{where}: voice_aliases.{name} must be a voice name (a non-empty string)")
     return out
+
+
+def voice_aliases(warn: Warn = _stderr) -> dict[str, str]:
+    """The config file's ``[voice_aliases]`` table; {} when there is none or the file is broken (warned)."""
+    try:
+        table = load_config(warn=warn).get("voice_aliases", {})
+    except ConfigError as exc:
+        warn(f"ignoring the config file: {exc}")
+        return {}
+    return {str(k).strip(): str(v).strip() for k, v in table.items()}
 
 
 def load_config(path: Path | None = None, warn: Warn = _stderr) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """Gateways: the broker spoken to in other protocols.
 
-- :mod:`cosy.gateways.http`: the OpenAI ``/v1/audio/speech`` API (``cosy http``).
+- :mod:`cosy.gateways.http`: the OpenAI ``/v1/audio/speech`` API (``cosy http``); its voice names in
+  :mod:`cosy.gateways.voice_names`, ``POST /v1/audio/voices`` in :mod:`cosy.gateways.voice_upload`, uploads
+  and registry voices as a job's own prompt in :mod:`cosy.gateways.cloning`.
 - :mod:`cosy.gateways.wyoming`: a Wyoming TTS server for Home Assistant (``cosy wyoming``).
 - :mod:`cosy.gateways.bridge`: the one broker client a gateway's requests share.
 - :mod:`cosy.gateways.jobstream`: one request's job from submission to its last sample, for every gateway.
-- :mod:`cosy.gateways.encode`: streaming WAV, PCM, FLAC, MP3 and Ogg Opus.
+- :mod:`cosy.gateways.encode`: streaming WAV, PCM, FLAC, MP3, Ogg Opus and AAC (ADTS).
 
 Each needs the ``http`` extra (``pip install 'cosy-tts[http]'``); nothing is imported here so
 that ``import cosy.gateways`` stays free.

@@ -10,6 +10,10 @@
   decoders accept for a stream. MP3 is constant bit rate, so its length estimate is right
   without the Xing frame. Ogg pages come out about once a second, so ``opus`` streams in
   steps of about a second.
+- ``aac``: AAC-LC in ADTS frames (what OpenAI sends for ``aac``), encoded by FFmpeg through PyAV
+  (the ``av`` package); each frame of 1024 samples leaves as soon as it is encoded. Decoders
+  see the encoder's priming (1024 samples) and padding of the last frame: up to ~2048 samples
+  more than were sent.
 """
 
 from __future__ import annotations
@@ -26,11 +30,15 @@ OPENAI_PCM_RATE = 24_000
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
 
+AAC_BIT_RATE = 64_000  # mono speech
+
+
 @dataclass(frozen=True)
 class AudioFormat:
     name: str
     content_type: str
     sndfile: tuple[str, str] | None = None  # (format, subtype) for libsndfile
+    av: str | None = None  # FFmpeg's encoder, through PyAV
 
 
 FORMATS: dict[str, AudioFormat] = {
@@ -39,15 +47,28 @@ FORMATS: dict[str, AudioFormat] = {
     "flac": AudioFormat("flac", "audio/flac", ("FLAC", "PCM_16")),
     "mp3": AudioFormat("mp3", "audio/mpeg", ("MP3", "MPEG_LAYER_III")),
     "opus": AudioFormat("opus", "audio/ogg; codecs=opus", ("OGG", "OPUS")),
+    "aac": AudioFormat("aac", "audio/aac", av="aac"),
 }
 
 
+def _av_has(codec: str) -> bool:
+    try:
+        import av
+    except ImportError:
+        return False
+    return codec in av.codecs_available
+
+
 def available_formats() -> list[str]:
-    """The formats this installation can stream (mp3 and opus need libsndfile >= 1.1 / 1.0.29)."""
+    """The formats this installation can stream (mp3 and opus need libsndfile >= 1.1 / 1.0.29, aac PyAV)."""
     import soundfile as sf
 
     out = []
     for name, fmt in FORMATS.items():
+        if fmt.av is not None:
+            if _av_has(fmt.av):
+                out.append(name)
+            continue
         if fmt.sndfile is None:
             out.append(name)
             continue
@@ -210,10 +231,68 @@ class SndfileEncoder:
         return self._sink.take()
 
 
+class _Bytes:
+    """A write-only file for PyAV's muxer: what it writes is taken out once."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+
+class AdtsAacEncoder:
+    """AAC-LC in ADTS frames through PyAV (FFmpeg's native aac encoder), at the voice's rate."""
+
+    content_type = "audio/aac"
+
+    def __init__(self, sample_rate: int, bit_rate: int = AAC_BIT_RATE) -> None:
+        import av
+
+        self._av = av
+        self.sample_rate = sample_rate
+        self._sink = _Bytes()
+        self._container = av.open(self._sink, "w", format="adts")
+        self._stream = self._container.add_stream("aac", rate=sample_rate, layout="mono")
+        self._stream.bit_rate = bit_rate
+        self._pts = 0
+
+    def _mux(self, frame: object) -> bytes:
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        return self._sink.take()
+
+    def encode(self, pcm: np.ndarray) -> bytes:
+        if not len(pcm):
+            return b""
+        frame = self._av.AudioFrame.from_ndarray(pcm.astype(np.int16, copy=False).reshape(1, -1), format="s16",
+                                                 layout="mono")
+        frame.sample_rate = self.sample_rate
+        frame.pts = self._pts
+        self._pts += len(pcm)
+        return self._mux(frame)
+
+    def finish(self) -> bytes:
+        out = self._mux(None)
+        self._container.close()
+        return out + self._sink.take()
+
+
 def make_encoder(name: str, sample_rate: int, pcm_rate: int | None = OPENAI_PCM_RATE) -> StreamEncoder:
     """An encoder for format ``name`` (a key of FORMATS) fed with int16 mono at ``sample_rate``."""
     if name == "wav":
         return WavEncoder(sample_rate)
     if name == "pcm":
         return PcmEncoder(sample_rate, pcm_rate)
+    if name == "aac":
+        return AdtsAacEncoder(sample_rate)
     return SndfileEncoder(FORMATS[name], sample_rate)

@@ -1,9 +1,11 @@
 """`cosy http`: an OpenAI-compatible speech API in front of the broker (Starlette + uvicorn).
 
-  POST /v1/audio/speech   {model, input, voice, response_format, speed, stream_format}
-                          audio streamed with chunked transfer as the worker produces it
+  POST /v1/audio/speech   {model, input, voice, instructions, response_format, speed, stream_format}
+                          audio streamed with chunked transfer as the worker produces it (also /audio/speech)
+  GET  /v1/audio/voices   served voices, registry voices a worker can clone, the aliases and what they resolve to
+  POST /v1/audio/voices   add a voice to the registry (multipart: name, audio_sample, consent, transcript, language)
+  GET  /v1/audio/models   Open WebUI's model list (both GETs without the API key: Open WebUI lists without it)
   GET  /v1/models         the models this gateway answers to
-  GET  /v1/audio/voices   the voices the connected workers serve (also /v1/audio/models)
   GET  /healthz           the process is up
   GET  /readyz            the broker answers and at least one worker is connected
   GET  /metrics           Prometheus text format
@@ -26,6 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,10 +40,13 @@ from starlette.routing import Route
 from cosy import protocol as P
 from cosy.client import JobSpec
 from cosy.endpoints import Endpoints
+from cosy.gateways import cloning
 from cosy.gateways import jobstream as js
-from cosy.gateways.bridge import BrokerBridge, GatewayError
+from cosy.gateways.bridge import BrokerBridge, GatewayError, StatusSnapshot
 from cosy.gateways.encode import FORMATS, OPENAI_PCM_RATE, StreamEncoder, available_formats, make_encoder
+from cosy.gateways.voice_names import Resolved, alias_table, resolve
 from cosy.metrics import GatewayMetrics
+from cosy.voices import Voice, shipped_dir, user_dir
 
 log = logging.getLogger("cosy.http")
 
@@ -48,6 +54,7 @@ API = "openai"
 MAX_BODY = 1 << 20
 MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 STREAM_FORMATS = ("audio", "sse")
+MAX_INSTRUCTIONS = 4096  # OpenAI's limit
 
 
 @dataclass
@@ -59,8 +66,13 @@ class HttpConfig:
     pcm_rate: int | None = OPENAI_PCM_RATE  # None: the voice's native rate
     retry_after_s: int = 2
     priority: str = P.INTERACTIVE
-    voice_aliases: dict[str, str] = field(default_factory=dict)
+    voice_aliases: dict[str, str] = field(default_factory=dict)  # see gateways/voice_names.py
     split: bool = True  # long texts as sentence jobs across the workers (gateways/segments.py)
+    voices_dir: Path | None = None  # where POST /v1/audio/voices stores voices [default: voices.user_dir()]
+
+    @property
+    def registry_dirs(self) -> list[Path]:
+        return [self.voices_dir or user_dir(), shipped_dir()]
 
 
 class ApiError(Exception):
@@ -102,6 +114,7 @@ class SpeechRequest:
     speed: float
     stream_format: str
     model: str
+    instructions: str = ""
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
@@ -128,12 +141,24 @@ def parse_speech(body: Any, formats: list[str]) -> SpeechRequest:
         raise ApiError(400, f"'input' is {len(text)} characters; the limit is {P.MAX_TEXT_CHARS}",
                        "string_above_max_length", "input")
     model = _field(body, "model", str, "tts-1")
-    voice = _field(body, "voice", str, None)
-    if isinstance(voice, str) and not voice.strip():
-        voice = None
+    voice = body.get("voice")
+    if isinstance(voice, dict):  # the openai SDK's custom voice: {"id": "..."}
+        voice = voice.get("id")
+        if not isinstance(voice, str):
+            raise ApiError(400, "'voice' as an object needs a string 'id'", "invalid_type", "voice")
+    elif voice is not None and not isinstance(voice, str):
+        raise ApiError(400, "'voice' must be a string or an object {\"id\": ...}", "invalid_type", "voice")
+    voice = voice.strip() if voice else None
+    instructions = _field(body, "instructions", str, "")
+    if len(instructions) > MAX_INSTRUCTIONS:
+        raise ApiError(400, f"'instructions' is {len(instructions)} characters; the limit is {MAX_INSTRUCTIONS}",
+                       "string_above_max_length", "instructions")
     fmt = _field(body, "response_format", str, "mp3").lower()
     if fmt not in formats:
-        why = "is not supported by this installation's libsndfile" if fmt in FORMATS else "is not available"
+        why = "is not available"
+        if fmt in FORMATS:
+            why = ("needs PyAV (pip install av)" if FORMATS[fmt].av else
+                   "is not supported by this installation's libsndfile")
         raise ApiError(400, f"response_format {fmt!r} {why}; use one of {', '.join(formats)}",
                        "unsupported_response_format", "response_format")
     speed = float(_field(body, "speed", float, 1.0))
@@ -143,7 +168,7 @@ def parse_speech(body: Any, formats: list[str]) -> SpeechRequest:
     if stream_format not in STREAM_FORMATS:
         raise ApiError(400, f"'stream_format' must be one of {', '.join(STREAM_FORMATS)}", "invalid_value",
                        "stream_format")
-    return SpeechRequest(text, voice, fmt, speed, stream_format, model)
+    return SpeechRequest(text, voice or None, fmt, speed, stream_format, model, instructions.strip())
 
 
 def job_error(err: js.JobError, retry_after: int) -> ApiError:
@@ -237,19 +262,14 @@ class HttpGateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def audio_models(self, request: Request) -> Response:
-        """Open WebUI's model list for a custom OpenAI TTS endpoint."""
-        try:
-            self.check_auth(request)
-        except ApiError as err:
-            return err.response()
+        """Open WebUI's model list for a custom OpenAI TTS endpoint (no API key needed: it lists without one)."""
         return JSONResponse({"models": [{"id": i, "name": i} for i in ("cosy", *MODEL_ALIASES)]})
 
     async def voices(self, request: Request) -> Response:
+        """Served voices, registry voices a connected worker can clone, then every alias with the voice it resolves
+        to now. No API key needed (Open WebUI lists without one); it shows voice names only."""
         try:
-            self.check_auth(request)
             snap = await self.bridge.status()
-        except ApiError as err:
-            return err.response()
         except GatewayError as exc:
             return ApiError(503, str(exc), "broker_unreachable", kind="server_error",
                             retry_after=self.config.retry_after_s).response()
@@ -258,9 +278,19 @@ class HttpGateway:
         for w in snap.workers:
             for v in w.get("voices", []):
                 served.setdefault(v, []).append(str(w.get("name", "")))
-        voices = [{"id": v, "name": v, "default": v == default, "workers": served[v]} for v in sorted(served)]
-        aliases = [{"id": a, "name": a, "alias_of": v} for a, v in sorted(self.config.voice_aliases.items())]
+        voices: list[dict[str, Any]] = [{"id": v, "name": v, "default": v == default, "workers": served[v]}
+                                        for v in sorted(served)]
+        if cloning.cloning_workers(snap.workers):
+            voices += [{"id": v.name, "name": v.name, "registry": True} for v in self._registry()
+                       if v.name not in served]
+        aliases = alias_table(self.config.voice_aliases, sorted(served), default)
         return JSONResponse({"voices": voices + aliases})
+
+    async def create_voice(self, request: Request) -> Response:
+        """POST /v1/audio/voices: gateways/voice_upload.py."""
+        from cosy.gateways.voice_upload import create_voice
+
+        return await create_voice(self, request)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -299,9 +329,30 @@ class HttpGateway:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
 
+    def _registry(self) -> list[Voice]:
+        from cosy.voices import list_voices
+
+        return list_voices(self.config.registry_dirs)
+
+    def resolve_voice(self, name: str | None, snap: StatusSnapshot) -> Resolved:
+        """The voice a request names (gateways/voice_names.py); the registry is read only when needed."""
+        return resolve(name, self.config.voice_aliases, snap.voices, snap.default_voice(),
+                       lambda n: cloning.registry_voice(n, self.config.registry_dirs))
+
+    async def _status(self) -> StatusSnapshot:
+        try:
+            return await self.bridge.status()
+        except GatewayError as exc:
+            raise ApiError(503, str(exc), "broker_unreachable", kind="server_error",
+                           retry_after=self.config.retry_after_s) from None
+
     async def _open(self, req: SpeechRequest, t0: float) -> js.JobStream:
-        voice = self.config.voice_aliases.get(req.voice, req.voice) if req.voice else None
-        spec = JobSpec(text=req.text, voice=voice, speed=req.speed, priority=self.config.priority)
+        resolved = self.resolve_voice(req.voice, await self._status())
+        spec = JobSpec(text=req.text, voice=resolved.voice, speed=req.speed, priority=self.config.priority,
+                       instruct=req.instructions)
+        if resolved.registry is not None:  # no worker serves it by name yet: the job brings it as its own prompt
+            spec.prompt_audio = cloning.prompt_audio(resolved.registry)
+            spec.prompt_text = resolved.registry.transcript
         spec.job = f"http-{spec.job}"
         try:
             return await js.open_stream(self.bridge, spec, timeout_s=self.config.timeout_s, split=self.config.split,
@@ -364,11 +415,15 @@ def create_app(endpoints: Endpoints, config: HttpConfig, metrics: GatewayMetrics
         finally:
             gw.bridge.stop()
 
-    routes = [
-        Route("/v1/audio/speech", gw.speech, methods=["POST"]),
-        Route("/v1/models", gw.models, methods=["GET"]),
-        Route("/v1/audio/models", gw.audio_models, methods=["GET"]),
-        Route("/v1/audio/voices", gw.voices, methods=["GET"]),
+    routes = [Route("/v1/models", gw.models, methods=["GET"])]
+    for base in ("/v1/audio", "/audio"):  # clients configured with the bare path get the same routes
+        routes += [
+            Route(f"{base}/speech", gw.speech, methods=["POST"]),
+            Route(f"{base}/models", gw.audio_models, methods=["GET"]),
+            Route(f"{base}/voices", gw.voices, methods=["GET"]),
+            Route(f"{base}/voices", gw.create_voice, methods=["POST"]),
+        ]
+    routes += [
         Route("/healthz", gw.healthz, methods=["GET"]),
         Route("/readyz", gw.readyz, methods=["GET"]),
         Route("/metrics", gw.prometheus, methods=["GET"]),

@@ -76,7 +76,7 @@ def list_voices(dirs: list[Path] | None = None) -> list[Voice]:
         if not base.is_dir():
             continue
         for folder in sorted(base.iterdir()):
-            voice = _load(folder) if folder.is_dir() else None
+            voice = _load(folder) if folder.is_dir() and not folder.name.startswith(".") else None
             if voice is not None and voice.name not in found:
                 found[voice.name] = voice
     return sorted(found.values(), key=lambda v: v.name)
@@ -102,16 +102,30 @@ def add_voice(name: str, audio_file: Path, transcript: str, language: str = "", 
     """Validate a reference recording and store it as a voice (mono, 24 kHz, 16-bit)."""
     import soundfile as sf
 
-    if not NAME_RE.match(name):
-        raise VoiceError("a voice name is 1-64 characters of a-z 0-9 _ - (starting with a letter or digit)")
+    check_name(name)
     if not transcript.strip():
         raise VoiceError("the transcript of the reference audio is required (--text)")
     try:
         audio, rate = sf.read(str(audio_file), dtype="float32", always_2d=True)
     except Exception as exc:
         raise VoiceError(f"cannot read {audio_file}: {exc}") from None
-    mono = audio.mean(axis=1)
-    duration = len(mono) / rate
+    return store_voice(name, audio.mean(axis=1), rate, transcript, language, licence, description, dest, replace)
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise VoiceError("a voice name is 1-64 characters of a-z 0-9 _ - (starting with a letter or digit)")
+
+
+def store_voice(name: str, mono: np.ndarray, rate: int, transcript: str, language: str = "", licence: str = "",
+                description: str = "", dest: Path | None = None, replace: bool = False) -> Voice:
+    """Store decoded mono audio (float, -1..1) as a voice. Atomic: the voice appears whole (one rename of a
+    complete folder) or not at all; on any error nothing is left behind. An empty transcript is allowed here
+    (a voice for cross-lingual cloning: the reference's voice, not its words)."""
+    import soundfile as sf
+
+    check_name(name)
+    duration = len(mono) / rate if rate else 0.0
     if not MIN_S <= duration <= MAX_S:
         raise VoiceError(f"the reference is {duration:.1f} s long; it must be {MIN_S:g}-{MAX_S:g} s")
     if float(np.abs(mono).max(initial=0.0)) < 1e-3:
@@ -122,17 +136,23 @@ def add_voice(name: str, audio_file: Path, transcript: str, language: str = "", 
         if not replace:
             raise VoiceError(f"voice {name!r} exists in {base}; remove it first")
         shutil.rmtree(folder)
-    tmp = base / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    stored = _resample(mono, rate, STORE_RATE)
-    sf.write(str(tmp / "reference.wav"), stored, STORE_RATE, subtype="PCM_16")
-    voice = Voice(name=name, transcript=transcript.strip(), language=language, audio="reference.wav",
-                  sample_rate=STORE_RATE, duration_s=round(len(stored) / STORE_RATE, 3), licence=licence,
-                  description=description)
-    meta = {k: v for k, v in asdict(voice).items() if k != "folder"}
-    (tmp / "voice.json").write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.rename(folder)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = base / f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"  # one per writer: never shared
+    try:
+        tmp.mkdir()
+        stored = _resample(np.asarray(mono, dtype=np.float32), rate, STORE_RATE)
+        sf.write(str(tmp / "reference.wav"), stored, STORE_RATE, subtype="PCM_16")
+        voice = Voice(name=name, transcript=transcript.strip(), language=language, audio="reference.wav",
+                      sample_rate=STORE_RATE, duration_s=round(len(stored) / STORE_RATE, 3), licence=licence,
+                      description=description)
+        meta = {k: v for k, v in asdict(voice).items() if k != "folder"}
+        (tmp / "voice.json").write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            tmp.rename(folder)  # fails if another writer made the folder meanwhile
+        except OSError:
+            raise VoiceError(f"voice {name!r} exists in {base}; remove it first") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return Voice(**{**meta, "folder": str(folder)})
 
 
