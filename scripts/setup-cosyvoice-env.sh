@@ -60,7 +60,7 @@ pip() {  # quiet, but show everything when pip fails; pip's complaints about cos
 
 pip install -c "$constraints" "${PINS[@]}"
 pip install --no-deps "$LIBRARY"
-pip install -c "$constraints" "${DEPS[@]}" -e "$ROOT[test]"
+pip install -c "$constraints" "${DEPS[@]}" -e "$ROOT[http,test]"  # http: tests/test_cosyvoice_gateway.py
 
 if ! imports; then
   echo "setup-cosyvoice-env: the environment does not import; try: $VENV/bin/python -c 'import cosyvoice.cli.cosyvoice'" >&2
