@@ -4,6 +4,7 @@ own per-request loop (the floor), first chunk and throughput at 1, 4 and 8 strea
     cosy bench gpu --device cpu               # the generated tiny model (tests/tiny_cosyvoice.py), on the CPU
     cosy bench gpu --model-dir DIR            # a real or bench/full_cosyvoice.py model, on CUDA
     COSY_BENCH_GPU_STREAMS=1,4 COSY_BENCH_GPU_TEXT=... cosy bench gpu ...
+    COSY_BENCH_GPU_SCHEDULERS=cosy,library cosy bench gpu ...   # the order (default library, then cosy)
 
 Each scheduler loads the model in a child process of its own (`python -m cosy.bench.gpu serve ...`), one after
 the other, so the two never share the device while they are timed. In the child the engine is driven directly
@@ -208,9 +209,11 @@ def run(out_dir: Path, quick: bool = False, device: str = "auto", model_dir: str
     wanted = [int(x) for x in os.environ.get("COSY_BENCH_GPU_STREAMS", "").split(",") if x.strip()]
     streams = tuple(wanted) or STREAMS[device]
     per_stream = 1 if quick else JOBS_PER_STREAM
+    order = [s.strip() for s in os.environ.get("COSY_BENCH_GPU_SCHEDULERS", "").split(",") if s.strip()]
+    schedulers = tuple(s for s in order if s in SCHEDULERS) or SCHEDULERS
     rows: list[dict[str, Any]] = []
     infos: dict[str, Any] = {}
-    for scheduler in SCHEDULERS:
+    for scheduler in schedulers:
         child = subprocess.Popen([sys.executable, "-m", "cosy.bench.gpu", "serve", model_dir, scheduler,
                                   str(max(streams))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  env=env)
@@ -254,10 +257,10 @@ def run(out_dir: Path, quick: bool = False, device: str = "auto", model_dir: str
         print(f"  target {name}: {'met' if ok else 'missed' if ok is not None else 'not measured'}")
     groups = [f"{n} streams" for n in streams]
     C.bar_plot(out_dir, "gpu", f"CosyVoice first chunk p50 ({device})", groups,
-               {s: [by[(s, n)]["first_chunk_p50_ms"] if (s, n) in by else 0 for n in streams] for s in SCHEDULERS},
+               {s: [by[(s, n)]["first_chunk_p50_ms"] if (s, n) in by else 0 for n in streams] for s in schedulers},
                "ms", log=True)
     C.bar_plot(out_dir, "gpu-throughput", f"CosyVoice audio seconds per second ({device})", groups,
-               {s: [(by[(s, n)]["audio_s_per_s"] or 0) if (s, n) in by else 0 for n in streams] for s in SCHEDULERS},
+               {s: [(by[(s, n)]["audio_s_per_s"] or 0) if (s, n) in by else 0 for n in streams] for s in schedulers},
                "audio s / s")
     return data
 
