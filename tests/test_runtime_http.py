@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,3 +256,13 @@ def test_an_upload_becomes_16khz_mono_s16le_without_aliasing() -> None:
     t16 = np.arange(P.PROMPT_RATE) / P.PROMPT_RATE
     assert np.abs(exact - 0.3 * 32767 * np.sin(2 * np.pi * 190 * t16)).max() <= 2  # 16 kHz: only requantised
 
+
+def test_the_routes_are_documented() -> None:
+    """docs/grpc.md names every route and RPC this gateway serves."""
+    from cosy.gateways.runtime_http import ROUTES
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "grpc.md").read_text()
+    for route in ROUTES:
+        assert route in doc, route
+    for name in ("cosyvoice.CosyVoice/Inference", "grpc.health.v1.Health", "cosy.Status/Get"):
+        assert name in doc, name
