@@ -28,7 +28,7 @@ log = logging.getLogger("cosy.engine.pipeline")
 TARGET_RTF = 0.5  # capacity: the largest batch at which every stream still runs at least twice real time
 MIN_TOKEN_TEXT_RATIO = 2  # the library's defaults in Qwen2LM.inference
 MAX_TOKEN_TEXT_RATIO = 20
-WARM_TEXT = "Hello, this is a warm-up."
+WARM_TEXT = "Hello there."  # a few chunks: every stage warm; short, as a worker start waits on it
 
 
 def resolve_dtype(name: str, cuda: bool) -> Any:
