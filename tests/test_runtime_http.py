@@ -127,6 +127,17 @@ def test_the_first_bytes_come_before_the_last_chunk_is_made(served) -> None:
         observer.close()
 
 
+def test_a_client_that_goes_away_cancels_the_job(served) -> None:
+    stack, gw = served
+    before = stack.status()["counters"]
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", f"{gw.url}/inference_sft", data={"tts_text": "v" * 500, "spk_id": "tone"}) as resp:  # 10 s
+        assert resp.status_code == 200
+        next(resp.iter_bytes())
+    wait_for(lambda: stack.status()["counters"]["cancelled"] > before["cancelled"], 15, "the job to be cancelled")
+    assert stack.status()["counters"]["done"] == before["done"]
+
+
 def test_query_string_fields_work_for_a_bare_get(served) -> None:
     _, gw = served
     text = "hello from a url"
