@@ -222,6 +222,9 @@ class GrpcGateway:
                 broker, workers = SERVING, SERVING if snap.workers else NOT_SERVING
             except GatewayError:
                 broker, workers = NOT_SERVING, NOT_SERVING
+            except Exception:  # a bug here must not leave a stale SERVING behind
+                log.exception("health: cannot read the broker's status")
+                broker, workers = NOT_SERVING, NOT_SERVING
             if (broker, workers) != last:
                 for name in ("", SERVICE):
                     await self.health.set(name, workers)

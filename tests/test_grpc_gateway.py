@@ -391,6 +391,28 @@ def test_grpc_gateway_serves_over_curve(bare_stack: Stack, tmp_path: Path, stubs
     assert err.code() == grpc.StatusCode.UNAVAILABLE and cosy_error(err) == "BROKER_UNREACHABLE"
 
 
+def test_metrics_port_counts_requests_by_status(bare_stack: Stack, stubs) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = bare_stack
+    pb, pbg = stubs
+    s.start_broker()
+    s.start_worker("tone", options=TONE)
+    metrics_port = free_port()
+    gw = GrpcProcess(s, ["--metrics-port", str(metrics_port)]).start().wait_serving()
+    infer(gw, pb, pbg, pb.Request(sft_request=pb.sftRequest(spk_id="tone", tts_text="counted")))
+    rpc_error(lambda: infer(gw, pb, pbg, pb.Request()))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    samples = {(m.name, tuple(sorted(m.labels.items()))): m.value
+               for family in text_string_to_metric_families(text) for m in family.samples}
+    assert samples[("cosy_gateway_requests_total", (("api", "grpc"), ("status", "OK")))] == 1
+    assert samples[("cosy_gateway_requests_total", (("api", "grpc"), ("status", "INVALID_ARGUMENT")))] == 1
+    assert samples[("cosy_gateway_audio_seconds_total", (("api", "grpc"),))] == pytest.approx(
+        tone_samples("counted") / TONE_RATE, abs=1e-3)
+
+
 def test_api_key_is_required_but_health_stays_open(bare_stack: Stack, stubs) -> None:
     s = bare_stack
     pb, pbg = stubs
