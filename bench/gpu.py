@@ -5,6 +5,7 @@ own per-request loop (the floor), first chunk and throughput at 1, 4 and 8 strea
     cosy bench gpu --model-dir DIR            # a real or bench/full_cosyvoice.py model, on CUDA
     COSY_BENCH_GPU_STREAMS=1,4 COSY_BENCH_GPU_TEXT=... cosy bench gpu ...
     COSY_BENCH_GPU_SCHEDULERS=cosy,library cosy bench gpu ...   # the order (default library, then cosy)
+    COSY_BENCH_GPU_VOICES=DIR cosy bench gpu ...                 # voice folders (default: the registry's, joe)
 
 Each scheduler loads the model in a child process of its own (`python -m cosy.bench.gpu serve ...`), one after
 the other, so the two never share the device while they are timed. In the child the engine is driven directly
@@ -127,7 +128,8 @@ def serve(model_dir: str, scheduler: str, capacity: int) -> None:
     from cosy.workers.engines import load_engine
 
     t0 = time.perf_counter()
-    engine = load_engine("cosyvoice", model_dir=model_dir, capacity=str(capacity), scheduler=scheduler,
+    voices = {"voices_dir": os.environ["COSY_BENCH_GPU_VOICES"]} if os.environ.get("COSY_BENCH_GPU_VOICES") else {}
+    engine = load_engine("cosyvoice", model_dir=model_dir, capacity=str(capacity), scheduler=scheduler, **voices,
                          max_batch=str(max(capacity, 1)), text_frontend="false")
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
