@@ -19,6 +19,7 @@ chunk), never a silently short file. A client that disconnects cancels its job.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hmac
@@ -351,7 +352,11 @@ class HttpGateway:
         spec = JobSpec(text=req.text, voice=resolved.voice, speed=req.speed, priority=self.config.priority,
                        instruct=req.instructions)
         if resolved.registry is not None:  # no worker serves it by name yet: the job brings it as its own prompt
-            spec.prompt_audio = cloning.prompt_audio(resolved.registry)
+            try:
+                spec.prompt_audio = await asyncio.to_thread(cloning.prompt_audio, resolved.registry)
+            except Exception as exc:  # soundfile's errors, OSError: a registry voice whose audio cannot be read
+                raise ApiError(500, f"voice {resolved.voice!r}: its reference audio cannot be read ({exc})",
+                               "voice_unreadable", "voice", kind="server_error") from None
             spec.prompt_text = resolved.registry.transcript
         spec.job = f"http-{spec.job}"
         try:
