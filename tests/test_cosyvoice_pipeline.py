@@ -617,3 +617,14 @@ def test_undecodable_prompt_audio_fails_the_job_clearly(engine: Any) -> None:
     with pytest.raises(EngineError, match="prompt audio"):
         sink.wait(60)
     assert engine._pipeline.wait_idle(10)
+
+
+def test_a_registered_voice_without_a_transcript_is_cross_lingual(engine: Any, tiny: dict[str, Path]) -> None:
+    """An uploaded voice may come without its transcript: its jobs use the prompt's voice, not its words."""
+    from tiny_cosyvoice import make_voice
+
+    make_voice(tiny["voices"], "wordless", seconds=1.5, transcript="")
+    inputs = engine.model_inputs(SynthesisRequest("Ok", "wordless"))[0]
+    assert inputs["prompt_text"].shape[1] == 0 and "llm_prompt_speech_token" not in inputs
+    _, sink = _job(engine, "Ok", "wordless")
+    assert sum(len(c) for c in sink.wait(120)) == 2 * 20 * SAMPLES_PER_TOKEN

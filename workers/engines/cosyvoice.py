@@ -578,6 +578,15 @@ class CosyVoiceEngine:
             return self._prompt_speaker(request.prompt_audio, request.prompt_text)
         return self._speaker(request.voice)
 
+    def _cross_lingual(self, request: SynthesisRequest) -> bool:
+        """The prompt's voice without its words: a job's own prompt without a transcript, or a registered voice
+        stored without one (an upload may leave it out)."""
+        if request.prompt_audio:
+            return not request.prompt_text
+        name = self._default if request.voice in ("", "default") else request.voice
+        voice = self._voices.get(name)
+        return voice is not None and not voice.transcript.strip()
+
     def refresh_voices(self) -> bool:
         """Look at the voice folders again (`cosy voices add` on a running system); True if the set changed.
         Reads only the folders' voice.json files: never waits on a voice being prepared."""
@@ -643,7 +652,7 @@ class CosyVoiceEngine:
         as the LLM's prompt text, without the voice's prompt speech tokens (with a cached speaker the library's
         ``frontend_instruct2`` keeps the transcript instead)."""
         spk_id = self._request_speaker(request)
-        cross_lingual = bool(request.prompt_audio) and not request.prompt_text
+        cross_lingual = self._cross_lingual(request)
         frontend = self._tts.frontend
         empty_prompt = "" if self._prompt_kind == "path" else self._torch.zeros(1, 0)
         instruct = getattr(request, "instruct", "") or ""
@@ -673,7 +682,7 @@ class CosyVoiceEngine:
         options = {"stream": stream, "speed": request.speed, "text_frontend": self._text_frontend}
         if self._hop is not None:
             self._hop.reset()
-        if request.prompt_audio and not request.prompt_text and hasattr(self._tts, "inference_cross_lingual"):
+        if self._cross_lingual(request) and hasattr(self._tts, "inference_cross_lingual"):
             outputs = self._tts.inference_cross_lingual(request.text, empty_prompt, zero_shot_spk_id=spk_id,
                                                         **options)
         elif instruct and hasattr(self._tts, "inference_instruct2"):
