@@ -587,7 +587,7 @@ class Broker:
             workers.append({
                 "name": i.worker, "engine": i.engine, "model": i.model, "device": i.device, "host": i.host,
                 "pid": i.pid, "voices": i.voices, "default_voice": i.default_voice, "sample_rate": i.sample_rate,
-                "clone": i.clone,
+                "clone": i.clone, "instruct": i.instruct,
                 "capacity": i.capacity, "running": len(w.running),
                 "state": "busy" if w.running else "idle",
                 "jobs_done": w.jobs_done, "jobs_failed": w.jobs_failed,

@@ -390,6 +390,8 @@ class Ready(Message):
     update: bool = False
     # The engine clones a voice from a job's own prompt (SUBMIT.prompt_audio): only such workers get those jobs.
     clone: bool = False
+    # The engine follows SUBMIT.instruct (others ignore it): what gateways check before an instruct request.
+    instruct: bool = False
 
     def validate(self) -> None:
         if not (1 <= self.capacity <= 256):

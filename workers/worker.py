@@ -143,7 +143,7 @@ class Worker:
         return P.Ready(worker=self.name, engine=e.name, model=e.model, voices=self._voices,
                        default_voice=e.default_voice, sample_rate=e.sample_rate, device=e.device,
                        capacity=e.capacity, pid=os.getpid(), host=socket.gethostname(),
-                       clone=bool(getattr(e, "clone", False)))
+                       clone=bool(getattr(e, "clone", False)), instruct=bool(getattr(e, "instruct", False)))
 
     def warm_up(self, timeout: float = 600.0) -> None:
         """One job through the engine before READY (an engine with a ``warm_up`` of its own does more: graph

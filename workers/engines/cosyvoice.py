@@ -275,6 +275,7 @@ MAX_PROMPT_SPEAKERS = 64  # per-request prompts whose features stay cached (leas
 class CosyVoiceEngine:
     name = "cosyvoice"
     clone = True  # zero-shot and cross-lingual from a job's own prompt audio (SynthesisRequest.prompt_audio)
+    instruct = True  # SynthesisRequest.instruct: the library's instruct mode (CosyVoice2/3)
 
     def __init__(self, model_dir: str, voices_dir: str | None = None, cache_dir: str | None = None,
                  fp16: bool | str = "auto", load_trt: bool | str = "auto", load_vllm: bool | str = "false",
@@ -682,12 +683,12 @@ class CosyVoiceEngine:
         options = {"stream": stream, "speed": request.speed, "text_frontend": self._text_frontend}
         if self._hop is not None:
             self._hop.reset()
-        if self._cross_lingual(request) and hasattr(self._tts, "inference_cross_lingual"):
-            outputs = self._tts.inference_cross_lingual(request.text, empty_prompt, zero_shot_spk_id=spk_id,
-                                                        **options)
-        elif instruct and hasattr(self._tts, "inference_instruct2"):
+        if instruct and hasattr(self._tts, "inference_instruct2"):  # an instruction wins over the prompt's words
             outputs = self._tts.inference_instruct2(request.text, self._instruct_text(instruct), empty_prompt,
                                                     zero_shot_spk_id=spk_id, **options)
+        elif self._cross_lingual(request) and hasattr(self._tts, "inference_cross_lingual"):
+            outputs = self._tts.inference_cross_lingual(request.text, empty_prompt, zero_shot_spk_id=spk_id,
+                                                        **options)
         else:
             outputs = self._tts.inference_zero_shot(request.text, "", empty_prompt, zero_shot_spk_id=spk_id,
                                                     **options)
