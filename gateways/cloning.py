@@ -1,9 +1,12 @@
 """Voices cloned over the network: uploads into the voice registry, and registry voices as a job's own prompt.
 
 - :func:`decode_upload` turns an uploaded recording (any container libsndfile or FFmpeg reads: wav, flac,
-  ogg, mp3, m4a, webm...) into mono float samples; :class:`UploadError` says what is wrong with it.
-- :func:`prompt_audio` gives a registry voice's reference as the job's own prompt (``JobSpec.prompt_audio``:
-  16 kHz mono s16le, PROTOCOL.md SUBMIT), resampled once per file version and kept.
+  ogg, mp3, m4a, webm...) into mono float samples within given length limits; :class:`UploadError` says what is
+  wrong with it. The voice upload (``POST /v1/audio/voices``) and the official ``/inference_*`` routes' prompt_wav
+  both use it.
+- :func:`resample_to_prompt` makes mono samples a job's own prompt (``JobSpec.prompt_audio``: 16 kHz mono
+  s16le, PROTOCOL.md SUBMIT), low-passed (windowed sinc) so that downsampling does not alias.
+- :func:`prompt_audio` gives a registry voice's reference as that prompt, resampled once per file version and kept.
 
 A voice added through ``POST /v1/audio/voices`` is usable in the next request: the HTTP gateway sends it as the
 job's prompt to a worker that clones (CosyVoice) until a worker serves it by name from its own folders.
@@ -24,7 +27,7 @@ CLONING_ENGINES = ("cosyvoice",)  # engines whose workers announce READY clone
 
 
 class UploadError(ValueError):
-    """An upload that cannot become a voice; ``code`` is the API's error code."""
+    """An upload that cannot become a voice or a prompt; ``code`` says why (:data:`UPLOAD_CODES`)."""
 
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
@@ -32,33 +35,42 @@ class UploadError(ValueError):
         self.code = code
 
 
-def decode_upload(data: bytes) -> tuple[np.ndarray, int]:
-    """Mono float32 samples and their rate; UploadError when it does not decode or is too short or too long."""
+UPLOAD_CODES = ("invalid_audio", "audio_too_short", "audio_too_long", "silent_audio")
+SILENT = 1e-3  # peak below this: no voice to clone (as `cosy voices add` judges a reference)
+
+
+def decode_upload(data: bytes, *, field: str = "audio_sample", min_s: float = MIN_S, max_s: float = MAX_S,
+                  silent: float | None = None) -> tuple[np.ndarray, int]:
+    """Mono float32 samples and their rate (libsndfile, then PyAV/FFmpeg); UploadError when ``data`` is empty or
+    does not decode, is outside ``min_s``-``max_s`` seconds, or (with ``silent``) peaks below that."""
     if not data:
-        raise UploadError("audio_sample is empty", "invalid_audio")
+        raise UploadError(f"{field} is empty", "invalid_audio")
     try:
-        mono, rate = _decode_sndfile(data)
+        mono, rate = _decode(data)
     except Exception:
-        try:
-            mono, rate = _decode_av(data)
-        except Exception:
-            raise UploadError("audio_sample does not decode as audio (send wav, flac, ogg, mp3, m4a or webm)",
-                              "invalid_audio") from None
+        raise UploadError(f"{field} is not audio that can be decoded (send wav, flac, ogg, mp3, m4a or webm)",
+                          "invalid_audio") from None
     seconds = len(mono) / rate if rate else 0.0
-    if seconds < MIN_S:
-        raise UploadError(f"audio_sample is {seconds:.1f} s long; a voice needs {MIN_S:g}-{MAX_S:g} s",
-                          "audio_too_short")
-    if seconds > MAX_S:
-        raise UploadError(f"audio_sample is {seconds:.1f} s long; a voice needs {MIN_S:g}-{MAX_S:g} s",
-                          "audio_too_long")
+    if not min_s <= seconds <= max_s:
+        raise UploadError(f"{field} is {seconds:.2f} s long; it must be {min_s:g}-{max_s:g} s",
+                          "audio_too_short" if seconds < min_s else "audio_too_long")
+    if silent is not None and float(np.abs(mono).max(initial=0.0)) < silent:
+        raise UploadError(f"{field} is silent", "silent_audio")
     return mono, rate
+
+
+def _decode(data: bytes) -> tuple[np.ndarray, int]:
+    try:
+        return _decode_sndfile(data)
+    except Exception:
+        return _decode_av(data)
 
 
 def _decode_sndfile(data: bytes) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return audio.mean(axis=1), int(rate)
+    return (audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]), int(rate)
 
 
 def _decode_av(data: bytes) -> tuple[np.ndarray, int]:
@@ -75,14 +87,22 @@ def _decode_av(data: bytes) -> tuple[np.ndarray, int]:
         return np.concatenate(parts).astype(np.float32), int(stream.rate)
 
 
+def lowpass(x: np.ndarray, rate: int, cutoff_hz: float, taps: int = 101) -> np.ndarray:
+    """A windowed-sinc FIR low-pass (Hamming), so that downsampling does not alias."""
+    fc = cutoff_hz / rate
+    n = np.arange(taps) - (taps - 1) / 2
+    h = 2 * fc * np.sinc(2 * fc * n) * np.hamming(taps)
+    return np.convolve(x, (h / h.sum()).astype(np.float32), mode="same")
+
+
 def resample_to_prompt(mono: np.ndarray, rate: int) -> bytes:
-    """16 kHz s16le, within the protocol's prompt bounds (longer is cut at MAX_PROMPT_BYTES)."""
+    """16 kHz s16le, within the protocol's prompt bounds (longer is cut at MAX_PROMPT_BYTES): low-passed at
+    0.45 x 16 kHz before downsampling, linear interpolation between samples."""
     target = P.PROMPT_RATE
     x = np.asarray(mono, dtype=np.float32)
     if rate != target:
-        if rate > target:  # a short moving-average low-pass before decimating, against the worst aliasing
-            width = max(1, round(rate / target))
-            x = np.convolve(x, np.ones(width, dtype=np.float32) / width, mode="same")
+        if rate > target:
+            x = lowpass(x, rate, 0.45 * target)
         n = int(round(len(x) * target / rate))
         x = np.interp(np.arange(n) * rate / target, np.arange(len(x)), x).astype(np.float32)
     pcm = np.clip(np.rint(x * 32767), -32768, 32767).astype("<i2").tobytes()
@@ -97,10 +117,7 @@ def prompt_audio(voice: Voice) -> bytes:
 
 @lru_cache(maxsize=32)
 def _prompt_cached(path: str, _mtime_ns: int) -> bytes:
-    import soundfile as sf
-
-    audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    return resample_to_prompt(audio.mean(axis=1), int(rate))
+    return resample_to_prompt(*_decode(Path(path).read_bytes()))
 
 
 def cloning_workers(workers: list[dict]) -> list[str]:

@@ -9,8 +9,9 @@
 As upstream, the fields come as a form (multipart or urlencoded) in the body, also with GET, which is what the
 official client sends; a field missing from the body is looked for in the query string. The reply streams raw
 signed 16-bit little-endian mono PCM at the model's rate as the worker produces it (``X-Sample-Rate`` says the
-rate). ``prompt_wav`` is any audio soundfile decodes (WAV, FLAC, Ogg...; at most :data:`MAX_UPLOAD_BYTES`), mixed
-to mono and resampled to 16 kHz for the job's own prompt; 0.5-30 s of it.
+rate). ``prompt_wav`` is any audio libsndfile or FFmpeg decodes (WAV, FLAC, Ogg, MP3, M4A...; at most
+:data:`MAX_UPLOAD_BYTES`), mixed to mono and resampled to 16 kHz for the job's own prompt (:mod:`.cloning`, as
+the OpenAI routes' uploads); 0.5-30 s of it.
 
 Errors come before any audio, as JSON in FastAPI's shape: ``{"detail": MESSAGE, "code": CODE}`` (a missing field:
 422 with FastAPI's list of ``{loc, msg, type}``), with the statuses of :data:`HTTP_STATUS`; a failure after the
@@ -22,18 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cosy import protocol as P
+from cosy.gateways import cloning
 from cosy.gateways import jobstream as js
 from cosy.gateways import runtime as rt
 from cosy.gateways.bridge import GatewayError
@@ -46,7 +46,6 @@ MAX_UPLOAD_BYTES = 16 << 20  # the whole form: 30 s of 48 kHz stereo 32-bit floa
 PROMPT_RATE = P.PROMPT_RATE
 MIN_PROMPT_S = P.MIN_PROMPT_BYTES / 2 / PROMPT_RATE
 MAX_PROMPT_S = P.MAX_PROMPT_BYTES / 2 / PROMPT_RATE
-SILENT = 1e-3  # peak below this: no voice to clone (as `cosy voices add` judges a reference)
 
 # path -> (mode, the form fields it requires; prompt_wav is a file)
 ROUTES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -98,37 +97,14 @@ def runtime_error(err: rt.RuntimeRequestError, retry_after: int) -> HttpError:
 # --- the prompt audio -------------------------------------------------------------------------
 
 
-def _lowpass(x: np.ndarray, rate: int, cutoff_hz: float, taps: int = 101) -> np.ndarray:
-    """A windowed-sinc FIR low-pass (Hamming), so that downsampling does not alias."""
-    fc = cutoff_hz / rate
-    n = np.arange(taps) - (taps - 1) / 2
-    h = 2 * fc * np.sinc(2 * fc * n) * np.hamming(taps)
-    return np.convolve(x, (h / h.sum()).astype(np.float32), mode="same")
-
-
 def prompt_pcm(data: bytes) -> bytes:
     """An uploaded recording as the job's prompt: 16 kHz mono s16le, 0.5-30 s; HttpError(400) otherwise."""
-    import soundfile as sf
-
     try:
-        audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as exc:  # soundfile.LibsndfileError, RuntimeError, TypeError: not audio it can read
-        why = getattr(exc, "error_string", None) or exc.__class__.__name__
-        raise HttpError(400, f"prompt_wav is not audio that can be decoded (WAV, FLAC, Ogg, MP3...): {why}",
-                        "BAD_AUDIO") from None
-    mono = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
-    if float(np.abs(mono).max(initial=0.0)) < SILENT:
-        raise HttpError(400, "prompt_wav is silent", "BAD_PROMPT")
-    seconds = len(mono) / rate if rate else 0.0
-    if not MIN_PROMPT_S <= seconds <= MAX_PROMPT_S:
-        raise HttpError(400, f"prompt_wav is {seconds:.2f} s long; it must be {MIN_PROMPT_S:g}-{MAX_PROMPT_S:g} s",
-                        "BAD_PROMPT")
-    if rate != PROMPT_RATE:
-        if rate > PROMPT_RATE:
-            mono = _lowpass(mono, rate, 0.45 * PROMPT_RATE)
-        n = int(round(len(mono) * PROMPT_RATE / rate))
-        mono = np.interp(np.arange(n) * rate / PROMPT_RATE, np.arange(len(mono)), mono)
-    return np.clip(np.rint(mono * 32767), -32768, 32767).astype("<i2").tobytes()
+        mono, rate = cloning.decode_upload(data, field="prompt_wav", min_s=MIN_PROMPT_S, max_s=MAX_PROMPT_S,
+                                           silent=cloning.SILENT)
+    except cloning.UploadError as exc:
+        raise HttpError(400, exc.message, "BAD_AUDIO" if exc.code == "invalid_audio" else "BAD_PROMPT") from None
+    return cloning.resample_to_prompt(mono, rate)
 
 
 # --- the form --------------------------------------------------------------------------------------
@@ -188,8 +164,6 @@ async def runtime_request(mode: str, fields: dict[str, str | bytes]) -> rt.Runti
     prompt = b""
     wav = fields.get("prompt_wav")
     if isinstance(wav, bytes):
-        if not wav:
-            raise HttpError(400, "prompt_wav is empty", "BAD_AUDIO")
         prompt = await asyncio.to_thread(prompt_pcm, wav)
     return rt.RuntimeRequest(mode, text("tts_text"), spk_id=text("spk_id"), prompt_text=text("prompt_text"),
                              prompt_audio=prompt, instruct=text("instruct_text"))

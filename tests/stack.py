@@ -135,6 +135,18 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     return data, rate
 
 
+def assert_prompt_without_aliasing(pcm: bytes, tone_hz: float, alias_hz: float, label: str = "") -> np.ndarray:
+    """A job's prompt (16 kHz s16le) peaks at ``tone_hz`` and has next to nothing at ``alias_hz``, where a
+    component above 8 kHz folds when the resampler does not low-pass first. Gives the samples (-1..1)."""
+    out = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
+    spectrum = np.abs(np.fft.rfft(out))
+    hz = np.fft.rfftfreq(len(out), 1 / 16000)
+    assert abs(hz[np.argmax(spectrum)] - tone_hz) < 2, label
+    peak = spectrum[np.argmin(abs(hz - tone_hz))]
+    assert spectrum[np.argmin(abs(hz - alias_hz))] < 0.01 * peak, f"{label}: aliased onto {alias_hz:g} Hz"
+    return out
+
+
 def transcribe(audio: np.ndarray, rate: int) -> str:
     """Real speech recognition (PocketSphinx and its bundled English model) for intelligibility checks."""
     from pocketsphinx import Decoder

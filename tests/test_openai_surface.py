@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stack import Stack, transcribe, wait_for
+from stack import Stack, assert_prompt_without_aliasing, transcribe, wait_for
 from test_http_gateway import (
     API_KEY,
     FOX,
@@ -308,6 +308,24 @@ def test_a_voice_without_transcript_clones_cross_lingually(served: Served) -> No
     assert served.speech({"input": text, "voice": "wordless", "response_format": "wav"}).status_code == 200
     job = record_of(served.record, text)
     assert job["prompt_text"] == "" and job["prompt_bytes"] == 3.5 * 16000 * 2
+
+
+def test_a_registry_voice_becomes_a_16khz_prompt_without_aliasing(tmp_path: Path) -> None:
+    """A registry voice (stored at 24 kHz) is the job's prompt through the same low-pass as the official routes'
+    prompt_wav: its 10 kHz, above the prompt's 8 kHz Nyquist, does not fold onto 6 kHz."""
+    import soundfile as sf
+
+    from cosy.gateways import cloning
+    from cosy.voices import Voice
+
+    rate = 24000
+    t = np.arange(3 * rate) / rate
+    sf.write(str(tmp_path / "reference.wav"), 0.4 * np.sin(2 * np.pi * 1000 * t) + 0.4 * np.sin(2 * np.pi * 10000 * t),
+             rate, subtype="PCM_16")
+    voice = Voice(name="hiss", transcript="", language="", audio="reference.wav", sample_rate=rate, duration_s=3.0,
+                  folder=str(tmp_path))
+    out = assert_prompt_without_aliasing(cloning.prompt_audio(voice), 1000, 6000, "registry voice")
+    assert len(out) == 3 * 16000
 
 
 def _bad_uploads(tmp: Path) -> list[tuple[str, dict, dict | None, int, str]]:
