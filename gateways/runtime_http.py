@@ -27,13 +27,12 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cosy import protocol as P
-from cosy.gateways import cloning
+from cosy.gateways import cloning, forms
 from cosy.gateways import jobstream as js
 from cosy.gateways import runtime as rt
 from cosy.gateways.bridge import GatewayError
@@ -110,41 +109,15 @@ def prompt_pcm(data: bytes) -> bytes:
 # --- the form --------------------------------------------------------------------------------------
 
 
-async def read_body(request: Request, limit: int = MAX_UPLOAD_BYTES) -> bytes:
-    too_big = HttpError(413, f"the request body is over {limit} bytes (a prompt is at most {MAX_PROMPT_S:g} s)",
-                        "REQUEST_TOO_LARGE")
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise too_big
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
-
-
 async def read_form(request: Request, wanted: tuple[str, ...]) -> dict[str, str | bytes]:
     """The wanted fields from the body's form (then the query string): text as str, prompt_wav's bytes."""
-    body = await read_body(request)
-    fields: dict[str, str | bytes] = {}
-    if body:
-        async def replay() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(max_files=2, max_fields=16)
-        except Exception as exc:  # a broken multipart body, a missing boundary...
-            raise HttpError(400, f"the form could not be parsed: {exc}", "BAD_FORM") from None
-        try:
-            for name in wanted:
-                value = form.get(name)
-                if isinstance(value, UploadFile):
-                    fields[name] = await value.read()
-                elif value is not None:
-                    fields[name] = str(value)
-        finally:
-            await form.close()
+    try:
+        fields = await forms.read_form(request, wanted, limit=MAX_UPLOAD_BYTES, max_files=2, max_fields=16)
+    except forms.FormError as exc:
+        if exc.status == 413:
+            raise HttpError(413, f"{exc.message} (a prompt is at most {MAX_PROMPT_S:g} s)",
+                            "REQUEST_TOO_LARGE") from None
+        raise HttpError(exc.status, exc.message, "BAD_FORM") from None
     for name in wanted:
         if name not in fields and name in request.query_params and name != "prompt_wav":
             fields[name] = request.query_params[name]

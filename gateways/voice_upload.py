@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cosy import protocol as P
-from cosy.gateways import cloning
+from cosy.gateways import cloning, forms
 from cosy.gateways.voice_names import OPENAI_VOICES
 from cosy.voices import VoiceError, check_name, store_voice
 
@@ -38,48 +37,18 @@ MAX_UPLOAD_BYTES = 16 << 20  # 30 s of 48 kHz stereo float WAV is 11.5 MB
 FIELDS = ("name", "audio_sample", "consent", "transcript", "language")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    from cosy.gateways.http import ApiError
-
-    too_big = ApiError(413, f"the upload is over {limit} bytes", "request_too_large")
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise too_big
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
-
-
 async def read_form(request: Request) -> dict[str, str | bytes]:
     """The form's known fields: text as str, audio_sample's bytes."""
     from cosy.gateways.http import ApiError
 
-    body = await read_body(request, MAX_UPLOAD_BYTES)
-
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        raise ApiError(400, "send the voice as multipart/form-data (name, audio_sample, ...)", "invalid_form")
     try:
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=len(FIELDS))
-    except Exception as exc:  # a broken body, a missing boundary, too many parts
-        raise ApiError(400, f"the form could not be parsed: {exc}", "invalid_form") from None
-    out: dict[str, str | bytes] = {}
-    try:
-        for name in FIELDS:
-            value = form.get(name)
-            if isinstance(value, UploadFile):
-                out[name] = await value.read()
-            elif value is not None:
-                out[name] = str(value)
-    finally:
-        await form.close()
-    return out
+        return await forms.read_form(request, FIELDS, limit=MAX_UPLOAD_BYTES, max_files=1, max_fields=len(FIELDS),
+                                     need_form=True)
+    except forms.FormError as exc:
+        if exc.status == 413:
+            raise ApiError(413, f"the upload is over {MAX_UPLOAD_BYTES} bytes", "request_too_large") from None
+        raise ApiError(400, f"send the voice as multipart/form-data (name, audio_sample, ...): {exc.message}",
+                       "invalid_form") from None
 
 
 def _text(fields: dict[str, str | bytes], name: str) -> str:
