@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from cosy.cli import exits
+from cosy.endpoints import is_loopback
 
 RuntimeDirOpt = typer.Option(None, "--runtime-dir", envvar="COSY_RUNTIME_DIR",
                              help="Folder of the broker's ipc sockets [default: $XDG_RUNTIME_DIR/cosy].")
@@ -90,7 +91,7 @@ def http(
     _need_http_extra()
     from cosy import logs
     from cosy.config import voice_aliases
-    from cosy.gateways.http import HttpConfig, is_loopback, run_http
+    from cosy.gateways.http import HttpConfig, run_http
 
     logs.setup(log_level)
     if not is_loopback(host) and not api_key:
@@ -126,7 +127,6 @@ def wyoming(
     except ImportError:
         exits.fail("cosy wyoming needs the 'wyoming' package: pip install 'cosy-tts[http]'", exits.USAGE)
     from cosy import logs
-    from cosy.gateways.http import is_loopback
     from cosy.gateways.wyoming import WyomingConfig, parse_uri, run_wyoming
 
     logs.setup(log_level)

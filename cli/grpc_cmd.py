@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 import typer
 
 from cosy.cli import exits
 from cosy.cli.gateway_cmds import ConnectOpt, CurveOpt, LogLevelOpt, RuntimeDirOpt, TimeoutOpt, _endpoints
+from cosy.endpoints import is_loopback
 
 NEEDS = ("grpc", "google.protobuf", "grpc_health")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _need_grpc_extra() -> None:
@@ -59,7 +50,7 @@ def grpc(
       python runtime/python/grpc/client.py --port 50051 --mode sft --spk_id joe --tts_text "Hello."
     """
     _need_grpc_extra()
-    if not _loopback(host) and not api_key and not allow_remote:
+    if not is_loopback(host) and not api_key and not allow_remote:
         exits.fail(f"refusing to listen on {host} without --api-key (or COSY_API_KEY): anyone who can reach it "
                    "could use your workers. Pass --allow-remote to serve other hosts without a key (on a network "
                    "you trust).", exits.USAGE)

@@ -16,6 +16,23 @@ from pathlib import Path
 IPC_PATH_MAX = 107  # sun_path on Linux, minus the terminating NUL
 
 
+def is_loopback(host: str, resolve: bool = False) -> bool:
+    """Whether a listening or connecting host is this machine only: localhost, 127.0.0.0/8, ::1 (brackets
+    allowed). With ``resolve``, another name counts when it resolves to a loopback address."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        if not resolve:
+            return False
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
+
+
 def default_runtime_dir() -> Path:
     env = os.environ.get("COSY_RUNTIME_DIR")
     if env:
@@ -73,18 +90,7 @@ class Endpoints:
         return self.front[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
 
     def is_loopback(self) -> bool:
-        host = self.host
-        if host is None:
-            return True
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            try:
-                return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-            except OSError:
-                return False
+        return self.host is None or is_loopback(self.host, resolve=True)
 
     def as_dict(self) -> dict[str, str]:
         return {"front": self.front, "back": self.back, "audio_in": self.audio_in, "audio_out": self.audio_out}

@@ -23,7 +23,6 @@ import asyncio
 import base64
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import time
@@ -93,15 +92,6 @@ class ApiError(Exception):
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --- the request --------------------------------------------------------------------------
