@@ -17,7 +17,7 @@ mode               the request                                 the job
 
 The prompt audio is 16 kHz mono signed 16-bit little-endian PCM, 0.5-30 s (PROTOCOL.md, SUBMIT). Jobs with their
 own prompt go only to workers that clone (the broker answers ``CANNOT_CLONE`` otherwise, naming the engines that
-can); instruct modes need a worker whose engine has an instruct mode (:data:`INSTRUCT_ENGINES`).
+can); instruct modes need a worker whose engine follows a job's instruct (its READY says ``instruct``).
 
 Errors are :class:`RuntimeRequestError` with one of the :data:`KINDS`, which each gateway turns into its own
 status: :func:`kind_of` classifies the job stream's codes (:mod:`cosy.gateways.jobstream`) the same way.
@@ -37,9 +37,9 @@ MODES = ("sft", "zero_shot", "cross_lingual", "instruct", "instruct2")
 PROMPT_MODES = ("zero_shot", "cross_lingual", "instruct2")
 VOICE_MODES = ("sft", "instruct")
 INSTRUCT_MODES = ("instruct", "instruct2")
-# Engines that take an instruction (PROTOCOL.md, SUBMIT `instruct`); the others ignore it, so an instruct request
-# for a voice only they serve is refused rather than answered in the plain voice.
-INSTRUCT_ENGINES = ("cosyvoice",)
+# Workers whose READY says `instruct` follow a job's instruction (PROTOCOL.md, SUBMIT `instruct`); the others
+# ignore it, so an instruct request for a voice only they serve is refused rather than answered in the plain voice.
+KNOWN_INSTRUCT_ENGINES = ("cosyvoice",)  # named in the refusal when no connected worker has an instruct mode
 MAX_INSTRUCT_CHARS = 1000
 
 # What went wrong, independent of the protocol; each gateway maps these to its statuses.
@@ -157,11 +157,12 @@ def check_instruct(snap: StatusSnapshot, voice: str | None, clone: bool) -> None
         if not takers:
             raise RuntimeRequestError(NOT_FOUND, f"unknown voice {voice!r}; available: {', '.join(snap.voices)}",
                                       P.UNKNOWN_VOICE, snap.voices)
-    if not any(w.get("engine") in INSTRUCT_ENGINES for w in takers):
+    if not any(w.get("instruct") for w in takers):
         engines = sorted({str(w.get("engine")) for w in takers})
+        able = sorted({str(w.get("engine")) for w in snap.workers if w.get("instruct")}) or list(KNOWN_INSTRUCT_ENGINES)
         what = f"voice {voice!r}" if voice else "the default voice"
         raise RuntimeRequestError(PRECONDITION, f"{what} is served by {', '.join(engines)}, which has no instruct "
-                                                f"mode (engines that have one: {', '.join(INSTRUCT_ENGINES)})",
+                                                f"mode (engines that have one: {', '.join(able)})",
                                   "NO_INSTRUCT_MODE")
 
 

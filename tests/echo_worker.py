@@ -2,6 +2,8 @@
 
 - It clones (``clone = True`` in its READY), as CosyVoice does, so the broker routes jobs with their own prompt
   to it: the gateway's per-request prompts can be tested without torch.
+- It says it follows instructions (``instruct = True``), as CosyVoice does, so the runtime routes' instruct
+  modes take its voice (it records the instruct; its tone does not change).
 - It writes what each job asked for (text, voice, instruct, prompt_audio's length and its first bytes' hash,
   prompt_text) as a JSON line to ``--record``, so a test can see what reached the engine.
 
@@ -30,6 +32,7 @@ from cosy.workers.worker import Worker
 class EchoEngine(ToneEngine):
     name = "echo"
     clone = True
+    instruct = True
 
     def __init__(self, record: Path, **options: str) -> None:
         super().__init__(**options)

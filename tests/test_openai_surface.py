@@ -208,6 +208,20 @@ def test_an_engine_without_instruct_mode_ignores_instructions(served: Served) ->
     assert told.content == plain.content and len(plain.content) > 0
 
 
+def test_the_runtime_instruct_modes_take_a_worker_whose_ready_says_instruct(served: Served) -> None:
+    """The echo worker's READY says instruct: /inference_instruct reaches it with the instruction; the tone
+    worker's does not, so the same request for its voice is refused, naming the engines that follow one."""
+    text = "Told how to say it."
+    resp = served.post("/inference_instruct", data={"tts_text": text, "spk_id": PARROT, "instruct_text": "Slowly."},
+                       headers=AUTH)
+    assert resp.status_code == 200 and len(resp.content) > 0, resp.text
+    assert record_of(served.record, text)["instruct"] == "Slowly."
+    refused = served.post("/inference_instruct", data={"tts_text": "x", "spk_id": "tone", "instruct_text": "Slowly."},
+                          headers=AUTH)
+    assert refused.status_code == 400 and refused.json()["code"] == "NO_INSTRUCT_MODE"
+    assert "engines that have one: echo" in refused.json()["detail"]
+
+
 # --- SSE usage ------------------------------------------------------------------------------------
 
 
