@@ -102,6 +102,11 @@ def test_project_extras_exist_in_pyproject(pixi: dict[str, Any], pyproject: dict
         assert spec["path"] == "." and spec.get("editable") is True
         assert set(spec.get("extras", [])) <= extras, f"{fname}: unknown extras"
     assert "piper" in pixi["pypi-dependencies"][PROJECT]["extras"]
+    dev_sh = (Path(__file__).resolve().parents[1] / "dev.sh").read_text()
+    installed = re.search(r'pip install -q -e "\.\[([a-z,]+)\]"', dev_sh)
+    assert installed, "dev.sh's editable install"
+    assert set(installed.group(1).split(",")) <= set(pixi["pypi-dependencies"][PROJECT]["extras"]), \
+        "pixi's default environment has the extras dev.sh installs for the tests"
     assert "gpu" in pixi["feature"]["gpu"]["pypi-dependencies"][PROJECT]["extras"]
 
 
