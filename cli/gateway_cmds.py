@@ -9,6 +9,8 @@ import typer
 from cosy.cli import exits
 from cosy.endpoints import is_loopback
 
+SplitOpt = typer.Option(True, "--split/--no-split",
+                        help="With 2+ workers, synthesize a long input as sentence jobs across them.")
 RuntimeDirOpt = typer.Option(None, "--runtime-dir", envvar="COSY_RUNTIME_DIR",
                              help="Folder of the broker's ipc sockets [default: $XDG_RUNTIME_DIR/cosy].")
 ConnectOpt = typer.Option(None, "--connect", envvar="COSY_CONNECT",
@@ -74,8 +76,7 @@ def http(
     voices_dir: Path | None = typer.Option(None, "--voices-dir", envvar="COSY_VOICES_DIR",
                                            help="Voice registry that POST /v1/audio/voices adds to "
                                            "[default: $XDG_DATA_HOME/cosy/voices]."),
-    split: bool = typer.Option(True, "--split/--no-split",
-                               help="With 2+ workers, synthesize a long input as sentence jobs across them."),
+    split: bool = SplitOpt,
     runtime_dir: Path | None = RuntimeDirOpt,
     connect: str | None = ConnectOpt,
     curve_dir: Path | None = CurveOpt,

@@ -7,7 +7,15 @@ from pathlib import Path
 import typer
 
 from cosy.cli import exits
-from cosy.cli.gateway_cmds import ConnectOpt, CurveOpt, LogLevelOpt, RuntimeDirOpt, TimeoutOpt, _endpoints
+from cosy.cli.gateway_cmds import (
+    ConnectOpt,
+    CurveOpt,
+    LogLevelOpt,
+    RuntimeDirOpt,
+    SplitOpt,
+    TimeoutOpt,
+    _endpoints,
+)
 from cosy.endpoints import is_loopback
 
 NEEDS = ("grpc", "google.protobuf", "grpc_health")
@@ -33,8 +41,7 @@ def grpc(
                                       help="Listen on a non-loopback address without --api-key (the official "
                                       "clients send no key): only on a network you trust."),
     timeout: float = TimeoutOpt,
-    split: bool = typer.Option(True, "--split/--no-split",
-                               help="With 2+ workers, synthesize a long input as sentence jobs across them."),
+    split: bool = SplitOpt,
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on "
                                             "127.0.0.1:PORT/metrics (needs the http extra)."),
     runtime_dir: Path | None = RuntimeDirOpt,

@@ -121,6 +121,15 @@ class Stack:
             raise RuntimeError(proc.stderr.decode(errors="replace"))
         return json.loads(proc.stdout)
 
+    def start_tiny_cosyvoice(self, root: Path, voices_dir: Path, name: str = "cv", timeout: float = 300) -> None:
+        """A real cosyvoice worker on tests/tiny_cosyvoice.py's random-weight model, serving ``voices_dir``."""
+        from tiny_cosyvoice import make_tiny_model
+
+        self.start_worker("cosyvoice", name=name, wait=False, options={
+            "model_dir": make_tiny_model(root / "model"), "voices_dir": voices_dir, "cache_dir": root / "cache",
+            "text_frontend": "false", "capacity": 2})
+        self.wait_worker(name, timeout=timeout)
+
     @property
     def endpoints(self):
         from cosy.endpoints import ipc_endpoints

@@ -39,19 +39,15 @@ def reference_wav(seconds: float = 3.5, rate: int = 22050) -> bytes:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, object, Path]]:
     from test_http_gateway import GatewayProcess
-    from tiny_cosyvoice import make_tiny_model, make_voice
+    from tiny_cosyvoice import make_voice
 
     root = tmp_path_factory.mktemp("cv-gateway")
     worker_voices, registry = root / "worker-voices", root / "registry"
     make_voice(worker_voices, "tiny")
-    model = make_tiny_model(root / "model")
     s = Stack(env={"COSY_VOICES_DIR": str(registry), "COSY_CONFIG": str(root / "none.toml")})
     try:
         s.start_broker()
-        s.start_worker("cosyvoice", name="cv", wait=False, options={
-            "model_dir": model, "voices_dir": worker_voices, "cache_dir": root / "cache", "text_frontend": "false",
-            "capacity": 2})
-        s.wait_worker("cv", timeout=300)
+        s.start_tiny_cosyvoice(root, worker_voices, timeout=300)
         gw = GatewayProcess(s, "http", ["--timeout", "300", "--no-split"]).start().wait_ready()
         yield s, gw, registry
     finally:

@@ -28,20 +28,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, An
     """A broker, a cosyvoice worker on the tiny model (voice tiny), `cosy grpc`, and the official client's stubs."""
     from grpc_stubs import generate_client
     from test_grpc_gateway import GrpcProcess
-    from tiny_cosyvoice import make_tiny_model, make_voice
+    from tiny_cosyvoice import make_voice
 
     root = tmp_path_factory.mktemp("cosyvoice-grpc")
     voices = root / "voices"
     make_voice(voices, "tiny")
-    model = make_tiny_model(root / "model")
     pb, pbg = generate_client(root / "stubs")
     s = Stack()
     try:
         s.start_broker()
-        s.start_worker("cosyvoice", name="cv", wait=False, options={
-            "model_dir": model, "voices_dir": voices, "cache_dir": root / "cache", "text_frontend": "false",
-            "capacity": 2})
-        s.wait_worker("cv", timeout=150)
+        s.start_tiny_cosyvoice(root, voices, timeout=150)
         yield s, GrpcProcess(s).start().wait_serving(), pb, pbg
     finally:
         s.stop()
