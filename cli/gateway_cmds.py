@@ -18,6 +18,8 @@ ConnectOpt = typer.Option(None, "--connect", envvar="COSY_CONNECT",
 CurveOpt = typer.Option(None, "--curve-dir", envvar="COSY_CURVE_DIR",
                         help="CURVE key folder (client.key_secret, server.key) for a tcp broker.")
 LogLevelOpt = typer.Option("INFO", "--log-level", envvar="COSY_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR.")
+MetricsPortOpt = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics "
+                              "(needs the http extra).")
 TimeoutOpt = typer.Option(60.0, "--timeout", min=1.0,
                           help="Seconds to wait for a job's first audio, and between two chunks.")
 
@@ -49,16 +51,21 @@ def _pairs(pairs: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def _need_http_extra() -> None:
-    missing = []
-    for module in ("starlette", "uvicorn", "prometheus_client"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
+def need_extra(who: str, extra: str, modules: tuple[str, ...]) -> None:
+    """Exit with the pip command when an optional extra's modules are missing (looked up, not imported: fast)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m.split(".")[0]) is None]
     if missing:
-        exits.fail(f"the gateways need the 'http' extra ({', '.join(missing)} missing): "
-                   "pip install 'cosy-tts[http]'", exits.USAGE)
+        exits.fail(f"{who} needs the '{extra}' extra ({', '.join(missing)} missing): pip install 'cosy-tts[{extra}]'",
+                   exits.USAGE)
+
+
+HTTP_MODULES = ("starlette", "uvicorn", "prometheus_client")
+
+
+def _need_http_extra() -> None:
+    need_extra("the gateways", "http", HTTP_MODULES)
 
 
 def http(
@@ -114,8 +121,7 @@ def wyoming(
     allow_remote: bool = typer.Option(False, "--allow-remote",
                                       help="Listen on a non-loopback address (Wyoming has no authentication)."),
     timeout: float = TimeoutOpt,
-    metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on "
-                                            "127.0.0.1:PORT/metrics."),
+    metrics_port: int | None = MetricsPortOpt,
     runtime_dir: Path | None = RuntimeDirOpt,
     connect: str | None = ConnectOpt,
     curve_dir: Path | None = CurveOpt,

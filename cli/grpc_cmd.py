@@ -11,23 +11,16 @@ from cosy.cli.gateway_cmds import (
     ConnectOpt,
     CurveOpt,
     LogLevelOpt,
+    MetricsPortOpt,
     RuntimeDirOpt,
     SplitOpt,
     TimeoutOpt,
     _endpoints,
+    need_extra,
 )
 from cosy.endpoints import is_loopback
 
 NEEDS = ("grpc", "google.protobuf", "grpc_health")
-
-
-def _need_grpc_extra() -> None:
-    import importlib.util
-
-    missing = [m for m in NEEDS if importlib.util.find_spec(m.split(".")[0]) is None]
-    if missing:
-        exits.fail(f"cosy grpc needs the 'grpc' extra ({', '.join(missing)} missing): pip install 'cosy-tts[grpc]'",
-                   exits.USAGE)
 
 
 def grpc(
@@ -42,8 +35,7 @@ def grpc(
                                       "clients send no key): only on a network you trust."),
     timeout: float = TimeoutOpt,
     split: bool = SplitOpt,
-    metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on "
-                                            "127.0.0.1:PORT/metrics (needs the http extra)."),
+    metrics_port: int | None = MetricsPortOpt,
     runtime_dir: Path | None = RuntimeDirOpt,
     connect: str | None = ConnectOpt,
     curve_dir: Path | None = CurveOpt,
@@ -56,16 +48,13 @@ def grpc(
       grpc_health_probe -addr 127.0.0.1:50051\n
       python runtime/python/grpc/client.py --port 50051 --mode sft --spk_id joe --tts_text "Hello."
     """
-    _need_grpc_extra()
+    need_extra("cosy grpc", "grpc", NEEDS)
     if not is_loopback(host) and not api_key and not allow_remote:
         exits.fail(f"refusing to listen on {host} without --api-key (or COSY_API_KEY): anyone who can reach it "
                    "could use your workers. Pass --allow-remote to serve other hosts without a key (on a network "
                    "you trust).", exits.USAGE)
     if metrics_port is not None:
-        import importlib.util
-
-        if importlib.util.find_spec("prometheus_client") is None:
-            exits.fail("--metrics-port needs prometheus-client: pip install 'cosy-tts[http]'", exits.USAGE)
+        need_extra("--metrics-port", "http", ("prometheus_client",))
     from cosy import logs
     from cosy.gateways.grpc import GrpcConfig, ListenError, run_grpc
 
