@@ -46,6 +46,36 @@ HIDDEN3 = 16  # 151936 embedding rows: the hidden size is what keeps the CosyVoi
 # CosyVoice3Model.silent_tokens: llm_job drops runs of more than 5 of them, so the tiny LLM never emits them.
 SILENT_TOKENS3 = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)
 
+# What both families' configs share: the header and the LLM (the class differs), then the vocoder and frontend.
+_HEADER_AND_LLM = """\
+# {title}
+sample_rate: 24000
+llm_input_size: {hidden}
+llm_output_size: {hidden}
+spk_embed_dim: 192
+qwen_pretrain_path: ''
+token_frame_rate: 25
+token_mel_ratio: 2
+chunk_size: 25
+num_decoding_left_chunks: -1
+
+llm: !new:cosyvoice.llm.llm.%(llm)s
+    llm_input_size: !ref <llm_input_size>
+    llm_output_size: !ref <llm_output_size>
+    speech_token_size: {speech_tokens}
+    length_normalized_loss: True
+    lsm_weight: 0
+    mix_ratio: [5, 15]
+    llm: !new:cosyvoice.llm.llm.Qwen2Encoder
+        pretrain_path: !ref <qwen_pretrain_path>
+    sampling: !name:cosyvoice.utils.common.ras_sampling
+        top_p: 0.8
+        top_k: 25
+        win_size: 10
+        tau_r: 0.1
+
+"""
+
 _VOCODER_AND_FRONTEND = """\
 hift: !new:cosyvoice.hifigan.generator.%(hift)s
     in_channels: 80
@@ -87,33 +117,7 @@ feat_extractor: !name:matcha.utils.audio.mel_spectrogram
     center: False
 """
 
-CONFIG = """\
-# {title}
-sample_rate: 24000
-llm_input_size: {hidden}
-llm_output_size: {hidden}
-spk_embed_dim: 192
-qwen_pretrain_path: ''
-token_frame_rate: 25
-token_mel_ratio: 2
-chunk_size: 25
-num_decoding_left_chunks: -1
-
-llm: !new:cosyvoice.llm.llm.Qwen2LM
-    llm_input_size: !ref <llm_input_size>
-    llm_output_size: !ref <llm_output_size>
-    speech_token_size: {speech_tokens}
-    length_normalized_loss: True
-    lsm_weight: 0
-    mix_ratio: [5, 15]
-    llm: !new:cosyvoice.llm.llm.Qwen2Encoder
-        pretrain_path: !ref <qwen_pretrain_path>
-    sampling: !name:cosyvoice.utils.common.ras_sampling
-        top_p: 0.8
-        top_k: 25
-        win_size: 10
-        tau_r: 0.1
-
+CONFIG = _HEADER_AND_LLM % {"llm": "Qwen2LM"} + """\
 flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
     input_size: 512  # the library hard-codes 512 channels in the encoder's lookahead and upsampling layers
     output_size: 80
@@ -170,33 +174,7 @@ CONFIG += _VOCODER_AND_FRONTEND % {"hift": "HiFTGenerator", "hift_extra": "", "f
                                   "tokenizer_extra": "", "fmax": "8000"}
 
 
-CONFIG3 = """\
-# {title}
-sample_rate: 24000
-llm_input_size: {hidden}
-llm_output_size: {hidden}
-spk_embed_dim: 192
-qwen_pretrain_path: ''
-token_frame_rate: 25
-token_mel_ratio: 2
-chunk_size: 25
-num_decoding_left_chunks: -1
-
-llm: !new:cosyvoice.llm.llm.CosyVoice3LM
-    llm_input_size: !ref <llm_input_size>
-    llm_output_size: !ref <llm_output_size>
-    speech_token_size: {speech_tokens}
-    length_normalized_loss: True
-    lsm_weight: 0
-    mix_ratio: [5, 15]
-    llm: !new:cosyvoice.llm.llm.Qwen2Encoder
-        pretrain_path: !ref <qwen_pretrain_path>
-    sampling: !name:cosyvoice.utils.common.ras_sampling
-        top_p: 0.8
-        top_k: 25
-        win_size: 10
-        tau_r: 0.1
-
+CONFIG3 = _HEADER_AND_LLM % {"llm": "CosyVoice3LM"} + """\
 flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
     input_size: 80
     output_size: 80
