@@ -84,10 +84,6 @@ class BatchedQwen2LM:
 
     # --- the prompt ------------------------------------------------------------------------
 
-    def lm_input(self, text: torch.Tensor, prompt_text: torch.Tensor,
-                 prompt_speech_token: torch.Tensor) -> torch.Tensor:
-        return lm_input(self.llm, text, prompt_text, prompt_speech_token, self.dtype, self.device)
-
     # --- the transformer ---------------------------------------------------------------------
 
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,7 +303,8 @@ class TorchBackend:
         piece = stream.piece
         inp = piece.inputs
         empty = torch.zeros(1, 0, dtype=torch.int32)
-        embeds = self.lm.lm_input(inp["text"], inp["prompt_text"], inp.get("llm_prompt_speech_token", empty))
+        embeds = lm_input(self.lm.llm, inp["text"], inp["prompt_text"], inp.get("llm_prompt_speech_token", empty),
+                          self.lm.dtype, self.device)
         t = embeds.shape[1]
         room = self.lm.max_len - t - 1
         if room < 1:

@@ -26,7 +26,6 @@ import collections
 import contextlib
 import logging
 import threading
-import time
 import uuid
 import zlib
 from collections.abc import Callable
@@ -93,7 +92,6 @@ class Stream:
     slot: int | None = None
     cancelled: bool = False
     ended: bool = False
-    admitted_at: float = 0.0
     # the vocoder's work for this stream, in order; busy while a vocoder thread runs one of them
     tasks: collections.deque = field(default_factory=collections.deque)
     busy: bool = False
@@ -323,7 +321,6 @@ class Pipeline:
             piece.next_hop = next(piece.hops)
             piece.uuid = f"cosy-{uuid.uuid4().hex}"
             self.vocoder.start_piece(piece)
-            stream.admitted_at = time.perf_counter()
             for token in self.backend.admit(stream, slot):
                 if self._take(stream, token):
                     break
