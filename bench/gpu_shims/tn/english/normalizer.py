@@ -1,12 +1,8 @@
-"""A pass-through ``Normalizer`` (the frontend builds one at load). For the random-model timing only: see
-bench/gpu_shims/README.md."""
+"""The same pass-through ``Normalizer`` as ``tn.chinese.normalizer`` (the frontend builds one of each at load). For
+the random-model timing only: see bench/gpu_shims/README.md."""
 
 from __future__ import annotations
 
+from ..chinese.normalizer import Normalizer
 
-class Normalizer:
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def normalize(self, text: str) -> str:
-        return text
+__all__ = ["Normalizer"]
