@@ -10,6 +10,7 @@ JOB_FAILED = 1
 USAGE = 2
 UNREACHABLE = 3
 BUSY = 4
+NO_SPACE = 5  # a write failed for lack of space (ENOSPC, EDQUOT) or a read-only filesystem (EROFS)
 INTERRUPTED = 130
 
 
