@@ -189,10 +189,13 @@ def add_cmd(
 ) -> None:
     """Validate a reference recording (readable, 3-30 s, downmixed, resampled to 24 kHz) and store it.
 
+    The voice is stored whole or not at all; on a full disk (or quota, or read-only folder) nothing is added and
+    the exit code is 5.
+
     Example:\n
       cosy voices add ana ana.wav --text "What Ana says in the recording." --language en
     """
-    from cosy.voices import VoiceError, add_voice, user_dir
+    from cosy.voices import NoSpaceError, VoiceError, add_voice, user_dir
 
     if not audio.is_file():
         exits.fail(f"cannot read {audio}: no such file", exits.USAGE)
@@ -201,6 +204,8 @@ def add_cmd(
                           replace=replace)
     except VoiceError as exc:
         exits.fail(" ".join(str(exc).split()), exits.USAGE)
+    except NoSpaceError as exc:  # a full disk, a quota, a read-only folder: nothing was added
+        exits.fail(str(exc), exits.NO_SPACE)
     except OSError as exc:
         exits.fail(f"cannot store the voice in {user_dir()}: {exc.strerror or exc}", exits.USAGE)
     print(f"added voice {voice.name}: {voice.duration_s:.1f} s at {voice.sample_rate} Hz in {voice.folder}")
