@@ -75,10 +75,10 @@ def describe(exc: OSError, path: Path | str) -> str:
     return f"no space left on {where}"
 
 
-def write_file(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Create ``path`` (it must not exist) with ``data``, flushed to the disk; a failed write raises the OSError
     with its errno and removes the partial file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         view = memoryview(data)
         while view:
