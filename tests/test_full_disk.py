@@ -37,9 +37,13 @@ def reference(path: Path, seconds: float = 4.0, rate: int = 22050) -> Path:
     return path
 
 
-def voices_add(voices: Path, *args: str) -> subprocess.CompletedProcess:
+def cosy_voices(voices: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COSY_VOICES_DIR": str(voices), "COSY_CONFIG": str(voices.parent / "none.toml")}
-    return subprocess.run([*COSY, "voices", "add", *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([*COSY, "voices", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def voices_add(voices: Path, *args: str) -> subprocess.CompletedProcess:
+    return cosy_voices(voices, "add", *args)
 
 
 def entries(folder: Path) -> list[str]:
@@ -104,20 +108,41 @@ def test_replacing_a_voice_on_a_full_disk_keeps_the_old_one(tmp_path: Path) -> N
         assert meta["transcript"] == "The second words." and meta["duration_s"] == 6.0
 
 
-def test_voices_add_on_a_read_only_filesystem(tmp_path: Path) -> None:
+def test_voices_add_and_remove_on_a_read_only_filesystem(tmp_path: Path) -> None:
     ref = reference(tmp_path / "ana.wav")
     with small_tmpfs(SIZE) as disk:
         voices = disk / "voices"
-        voices.mkdir()
+        assert voices_add(voices, "bob", str(ref), "--text", "Bob's words.").returncode == 0
         remount = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True, timeout=30)
         assert remount.returncode == 0, remount.stderr
         try:
             ro = voices_add(voices, "ana", str(ref), "--text", "Hello.")
+            rm = cosy_voices(voices, "remove", "bob")
         finally:
             subprocess.run(["mount", "-o", "remount,rw", str(disk)], capture_output=True, timeout=30)
         assert ro.returncode == exits.NO_SPACE, ro.stderr
         assert_one_clean_line(ro.stderr, f"read-only filesystem on {disk} (tmpfs)", "writing the voice ana")
+        assert rm.returncode == exits.NO_SPACE, rm.stderr
+        assert_one_clean_line(rm.stderr, f"read-only filesystem on {disk} (tmpfs)", "removing the voice bob",
+                              "nothing was removed")
+        assert entries(voices) == ["bob"] and (voices / "bob" / "reference.wav").is_file()
+        assert cosy_voices(voices, "remove", "bob").returncode == 0  # writable again: it goes, whole
         assert entries(voices) == []
+
+
+def test_setting_the_default_voice_on_a_full_disk_is_exit_5(tmp_path: Path) -> None:
+    with small_tmpfs(SIZE) as disk:
+        config = disk / "config.toml"
+        config.write_text('voice = "joe"\n')
+        fill(disk, leave_bytes=0)
+        env = {**os.environ, "COSY_VOICES_DIR": str(tmp_path / "voices"), "COSY_CONFIG": str(config)}
+        done = subprocess.run([*COSY, "voices", "--default", "x" * 5000], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == exits.NO_SPACE, done.stderr
+        assert f"no space left on {disk} (tmpfs) setting the default voice" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert config.read_text() == 'voice = "joe"\n'
+        assert entries(disk) == [".filler", "config.toml"]  # no temporary config file left
 
 
 def test_a_writer_killed_mid_store_leaves_nothing_the_next_one_does_not_undo(tmp_path: Path) -> None:

@@ -180,10 +180,11 @@ def store_voice(name: str, mono: np.ndarray, rate: int, transcript: str, languag
 
 
 def _sweep(base: Path) -> None:
-    """Undo what a writer killed mid-store left: its temporary folder goes; a voice it had moved aside to replace
-    comes back if the new one never took its place."""
-    for leftover in sorted(base.glob(".*.*.*.tmp")) + sorted(base.glob(".*.*.*.old")):
-        parts = leftover.name.split(".")  # "", name, pid, tag, tmp|old (names have no dots)
+    """Undo what a writer killed mid-store (or mid-remove) left: its temporary or removed folder goes; a voice it
+    had moved aside to replace comes back if the new one never took its place."""
+    leftovers = [p for kind in ("tmp", "old", "removed") for p in sorted(base.glob(f".*.*.*.{kind}"))]
+    for leftover in leftovers:
+        parts = leftover.name.split(".")  # "", name, pid, tag, tmp|old|removed (names have no dots)
         if len(parts) != 5 or not parts[2].isdigit() or _alive(int(parts[2])):
             continue
         folder = base / parts[1]
@@ -228,4 +229,6 @@ def remove_voice(name: str, dest: Path | None = None) -> None:
     if not (folder / "voice.json").is_file():
         where = "the shipped voices" if (shipped_dir() / name / "voice.json").is_file() else "the registry"
         raise VoiceError(f"voice {name!r} is not a user voice in {dest or user_dir()} (it is in {where})")
-    shutil.rmtree(folder)
+    gone = folder.with_name(f".{name}.{os.getpid()}.{os.urandom(4).hex()}.removed")
+    folder.rename(gone)  # the voice goes at once, whole; an error here (a read-only disk) changes nothing
+    shutil.rmtree(gone, ignore_errors=True)  # what a crash leaves here is hidden, and swept by the next store
