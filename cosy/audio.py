@@ -11,37 +11,102 @@ from typing import TYPE_CHECKING, BinaryIO
 if TYPE_CHECKING:  # numpy is imported by whoever hands us arrays; `cosy say` defers it (~90 ms)
     import numpy as np
 
-FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG"}
-
-
 def format_for(path: Path) -> str:
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"cannot write {path.name!r}: use one of {', '.join(sorted(FORMATS))}")
-    return fmt
+    """The file format (a key of :data:`cosy.encode.FILE_FORMATS`) that ``path``'s extension names, if this
+    installation can write it; else ValueError with the choices."""
+    from cosy.encode import FILE_SUFFIXES, available_formats, why_unavailable
+
+    name = FILE_SUFFIXES.get(Path(path).suffix.lower())
+    if name is None:
+        choices = ", ".join(sorted(FILE_SUFFIXES))
+        raise ValueError(f"cannot write {Path(path).name!r}: the extension must be one of {choices}")
+    if name not in available_formats():
+        raise ValueError(f"cannot write {Path(path).name!r}: {name} {why_unavailable(name)}")
+    return name
+
+
+class AudioFileWriter:
+    """A file written as the audio comes, complete or not at all.
+
+    Samples go to a temporary file next to ``path`` (``.NAME.XXXX.part``) as they are written, encoded by
+    :mod:`cosy.encode` (the gateways' encoders), so memory stays bounded whatever the length; ``commit()``
+    finishes the container, fsyncs and renames it over ``path``; ``abort()`` (or leaving a ``with`` block on
+    an exception) removes the temporary file. A failed write raises its OSError (``errno.ENOSPC`` on a full
+    disk), never a library's assertion, and leaves no temporary file behind once aborted.
+    """
+
+    def __init__(self, path: Path, sample_rate: int) -> None:
+        from cosy.encode import file_encoder
+
+        self.path = Path(path)
+        self.format = format_for(self.path)
+        self.sample_rate = sample_rate
+        self.samples = 0
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+        self.tmp = Path(tmp)
+        self._file: BinaryIO | None = None
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
+            self._file = os.fdopen(fd, "w+b")
+            self._encoder = file_encoder(self.format, sample_rate, self._file)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, pcm: bytes | np.ndarray) -> None:
+        """Append int16 mono samples (s16le bytes, or an int16 array)."""
+        import numpy as np
+
+        samples = np.frombuffer(pcm, "<i2") if isinstance(pcm, (bytes, bytearray, memoryview)) else pcm
+        assert self._file is not None, "the file was committed or aborted"
+        data = self._encoder.encode(samples)
+        if data:
+            self._file.write(data)
+        self.samples += len(samples)
+
+    def commit(self) -> None:
+        assert self._file is not None, "the file was committed or aborted"
+        try:
+            tail = self._encoder.finish()
+            if tail:
+                self._file.write(tail)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        close = getattr(getattr(self, "_encoder", None), "close", None)
+        if close is not None and self._file is not None:
+            close()  # before the file under it goes
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:  # closing flushes, which a full disk fails too
+                pass
+            self._file = None
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+    def __enter__(self) -> AudioFileWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 def write_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     """Write a complete file or nothing: a temporary file in the same folder, then rename."""
-    import soundfile as sf
-
-    path = Path(path)
-    fmt = format_for(path)
-    subtype = "VORBIS" if fmt == "OGG" else "PCM_16"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
-        with os.fdopen(fd, "wb") as f:
-            sf.write(f, audio, sample_rate, format=fmt, subtype=subtype)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with AudioFileWriter(Path(path), sample_rate) as writer:
+        writer.write(audio)
+        writer.commit()
 
 
 def _umask() -> int:

@@ -12,7 +12,7 @@
   (:mod:`cosy.gateways.runtime_http`).
 - :mod:`cosy.gateways.bridge`: the one broker client a gateway's requests share.
 - :mod:`cosy.gateways.jobstream`: one request's job from submission to its last sample, for every gateway.
-- :mod:`cosy.gateways.encode`: streaming WAV, PCM, FLAC, MP3, Ogg Opus and AAC (ADTS).
+- :mod:`cosy.encode` (core, shared with `cosy say` and `cosy batch`): WAV, PCM, FLAC, MP3, Ogg Opus, AAC (ADTS).
 
 Each needs the ``http`` extra (``pip install 'cosy-tts[http]'``), ``cosy grpc`` the ``grpc`` extra; nothing is
 imported here so that ``import cosy.gateways`` stays free.

@@ -39,11 +39,18 @@ from starlette.routing import Route
 
 from cosy import protocol as P
 from cosy.client import JobSpec
+from cosy.encode import (
+    OPENAI_PCM_RATE,
+    RESPONSE_FORMATS,
+    StreamEncoder,
+    available_formats,
+    make_encoder,
+    why_unavailable,
+)
 from cosy.endpoints import Endpoints
 from cosy.gateways import cloning
 from cosy.gateways import jobstream as js
 from cosy.gateways.bridge import BrokerBridge, GatewayError, StatusSnapshot
-from cosy.gateways.encode import FORMATS, OPENAI_PCM_RATE, StreamEncoder, available_formats, make_encoder
 from cosy.gateways.voice_names import Resolved, alias_table, resolve
 from cosy.metrics import GatewayMetrics
 from cosy.voices import Voice, shipped_dir, user_dir
@@ -147,9 +154,8 @@ def parse_speech(body: Any, formats: list[str]) -> SpeechRequest:
     fmt = _field(body, "response_format", str, "mp3").lower()
     if fmt not in formats:
         why = "is not available"
-        if fmt in FORMATS:
-            why = ("needs PyAV (pip install av)" if FORMATS[fmt].av else
-                   "is not supported by this installation's libsndfile")
+        if fmt in RESPONSE_FORMATS:
+            why = why_unavailable(fmt)
         raise ApiError(400, f"response_format {fmt!r} {why}; use one of {', '.join(formats)}",
                        "unsupported_response_format", "response_format")
     speed = float(_field(body, "speed", float, 1.0))
@@ -199,7 +205,7 @@ class HttpGateway:
         self.metrics = metrics or GatewayMetrics()
         self.bridge = BrokerBridge(endpoints)
         self.metrics.broker.source = lambda: (self.bridge.snapshot().status, self.bridge.broker_up)
-        self.formats = available_formats()
+        self.formats = [f for f in available_formats() if f in RESPONSE_FORMATS]
 
     # --- auth -------------------------------------------------------------------------
 

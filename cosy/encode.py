@@ -1,4 +1,6 @@
-"""Streaming audio containers for the gateways: bytes out as soon as samples come in.
+"""Audio containers, one module for every way out: the gateways' streams and the CLI's files.
+
+Streams (:func:`make_encoder`): bytes out as soon as samples come in.
 
 - ``wav``: a RIFF header with unknown sizes (0xFFFFFFFF, as ffmpeg and sox write to a pipe),
   then raw samples; the voice's native rate.
@@ -14,13 +16,20 @@
   (the ``av`` package); each frame of 1024 samples leaves as soon as it is encoded. Decoders
   see the encoder's priming (1024 samples) and padding of the last frame: up to ~2048 samples
   more than were sent.
+
+Files (:func:`file_encoder`, used by :class:`cosy.audio.AudioFileWriter`): the same encoders writing into a
+real, seekable file, so libsndfile patches what it writes at close (WAV and FLAC lengths, MP3's Xing frame)
+and the file is exact. ``ogg`` (Ogg Vorbis) is a file format only; the OpenAI formats are
+:data:`RESPONSE_FORMATS`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -42,13 +51,18 @@ class AudioFormat:
 
 
 FORMATS: dict[str, AudioFormat] = {
-    "wav": AudioFormat("wav", "audio/wav"),
+    "wav": AudioFormat("wav", "audio/wav", ("WAV", "PCM_16")),  # streams: WavEncoder; files: libsndfile
     "pcm": AudioFormat("pcm", "audio/pcm"),
     "flac": AudioFormat("flac", "audio/flac", ("FLAC", "PCM_16")),
     "mp3": AudioFormat("mp3", "audio/mpeg", ("MP3", "MPEG_LAYER_III")),
     "opus": AudioFormat("opus", "audio/ogg; codecs=opus", ("OGG", "OPUS")),
     "aac": AudioFormat("aac", "audio/aac", av="aac"),
+    "ogg": AudioFormat("ogg", "audio/ogg; codecs=vorbis", ("OGG", "VORBIS")),
 }
+RESPONSE_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")  # OpenAI's response_format values
+FILE_FORMATS = ("wav", "flac", "ogg", "opus", "mp3", "aac")  # what `cosy say --out` and `cosy batch` write
+FILE_SUFFIXES = {".wav": "wav", ".flac": "flac", ".ogg": "ogg", ".oga": "ogg", ".opus": "opus", ".mp3": "mp3",
+                 ".aac": "aac"}
 
 
 def _av_has(codec: str) -> bool:
@@ -60,7 +74,7 @@ def _av_has(codec: str) -> bool:
 
 
 def available_formats() -> list[str]:
-    """The formats this installation can stream (mp3 and opus need libsndfile >= 1.1 / 1.0.29, aac PyAV)."""
+    """The formats this installation can encode (mp3 and opus need libsndfile >= 1.1 / 1.0.29, aac PyAV)."""
     import soundfile as sf
 
     out = []
@@ -202,8 +216,19 @@ class ForwardSink:
         return out
 
 
+def why_unavailable(name: str) -> str:
+    """Why format ``name`` (a key of FORMATS) cannot be encoded here, for an error message."""
+    fmt = FORMATS[name]
+    if fmt.av is not None:
+        return "needs PyAV (pip install 'cosy-tts[http]' or pip install av)"
+    return "is not supported by this installation's libsndfile"
+
+
 class SndfileEncoder:
-    def __init__(self, fmt: AudioFormat, sample_rate: int) -> None:
+    """libsndfile through soundfile: into a :class:`ForwardSink` (a stream), or into ``file``, a real
+    seekable file whose header libsndfile patches at close (then ``encode`` and ``finish`` return b"")."""
+
+    def __init__(self, fmt: AudioFormat, sample_rate: int, file: BinaryIO | None = None) -> None:
         import soundfile as sf
 
         assert fmt.sndfile is not None
@@ -215,20 +240,84 @@ class SndfileEncoder:
             self.sample_rate = next((r for r in OPUS_RATES if r >= sample_rate), OPUS_RATES[-1])
             self._resampler = LinearResampler(sample_rate, self.sample_rate)
         extra = {"bitrate_mode": "CONSTANT", "compression_level": 0.5} if major == "MP3" else {}
-        self._sink = ForwardSink()
-        self._file = sf.SoundFile(self._sink, mode="w", samplerate=self.sample_rate, channels=1,
+        self._sink = ForwardSink() if file is None else None
+        self._target = _ErrorKeepingFile(file if file is not None else self._sink)
+        self._file = sf.SoundFile(self._target, mode="w", samplerate=self.sample_rate, channels=1,
                                   format=major, subtype=subtype, **extra)
+
+    def _take(self) -> bytes:
+        return self._sink.take() if self._sink is not None else b""
 
     def encode(self, pcm: np.ndarray) -> bytes:
         if self._resampler is not None:
             pcm = self._resampler.process(pcm)
         if len(pcm):
-            self._file.write(pcm.astype(np.int16, copy=False))
-        return self._sink.take()
+            with self._target.raising():
+                self._file.write(pcm.astype(np.int16, copy=False))
+        return self._take()
 
     def finish(self) -> bytes:
-        self._file.close()
-        return self._sink.take()
+        with self._target.raising():
+            self._file.close()
+        return self._take()
+
+    def close(self) -> None:
+        """Give up (a file being aborted): release libsndfile's handle, ignoring what its last writes say."""
+        with suppress(Exception):
+            self._file.close()
+
+
+class _ErrorKeepingFile:
+    """A file for libsndfile's virtual I/O that keeps the first OSError of a write instead of raising it.
+
+    soundfile calls these methods from C callbacks, where an exception is printed and lost: a full disk then
+    surfaces as soundfile's ``AssertionError`` about a short write. Kept here, the OSError (errno ENOSPC and
+    all) is what :meth:`raising` raises once libsndfile returns.
+    """
+
+    def __init__(self, file: object) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        if self.error is not None:
+            return 0
+        try:
+            self._file.write(data)  # type: ignore[attr-defined]
+        except (OSError, ValueError) as exc:  # ValueError: the file was closed under libsndfile
+            self.error = exc if isinstance(exc, OSError) else OSError(str(exc))
+            return 0
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        try:
+            return self._file.seek(offset, whence)  # type: ignore[attr-defined]
+        except (OSError, ValueError) as exc:
+            self.error = self.error or (exc if isinstance(exc, OSError) else OSError(str(exc)))
+            return -1
+
+    def tell(self) -> int:
+        try:
+            return self._file.tell()  # type: ignore[attr-defined]
+        except (OSError, ValueError):
+            return -1
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._file.read(size)  # type: ignore[attr-defined]
+        except (OSError, ValueError):
+            return b""
+
+    @contextmanager
+    def raising(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception:
+            if self.error is not None:
+                raise self.error from None
+            raise
+        if self.error is not None:
+            raise self.error
 
 
 class _Bytes:
@@ -285,6 +374,17 @@ class AdtsAacEncoder:
         out = self._mux(None)
         self._container.close()
         return out + self._sink.take()
+
+
+def file_encoder(name: str, sample_rate: int, file: BinaryIO) -> StreamEncoder:
+    """An encoder for format ``name`` (one of FILE_FORMATS) that writes into ``file`` (seekable, binary).
+
+    What ``encode`` and ``finish`` return still has to be written to ``file`` (AAC's frames); libsndfile's
+    formats write through themselves and return b"". A failed write raises its OSError (ENOSPC included).
+    """
+    if name == "aac":
+        return AdtsAacEncoder(sample_rate)
+    return SndfileEncoder(FORMATS[name], sample_rate, file)
 
 
 def make_encoder(name: str, sample_rate: int, pcm_rate: int | None = OPENAI_PCM_RATE) -> StreamEncoder:
