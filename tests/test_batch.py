@@ -9,6 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 from stack import Stack, wait_for
 
@@ -51,6 +52,7 @@ def start_batch(stack: Stack, source: Path, outdir: Path, *extra: str) -> subpro
     return stack.cosy_background("batch", str(source), "--outdir", str(outdir), *extra)
 
 
+@pytest.mark.timeout(900)  # 500 Piper lines: ~100 s on an idle 2-core machine, several minutes on a loaded one
 def test_500_lines_on_two_piper_workers_survive_a_worker_kill_and_resume_rewrites_nothing(
         stack: Stack, tmp_path: Path) -> None:
     a = stack.start_worker("piper", name="a")
