@@ -12,13 +12,15 @@
 - --resume skips lines whose file is complete and whose text is unchanged.
 - Failed lines are retried (new job id), then listed at the end with a non-zero exit.
 - A broker restart is survived: the client resubmits what was unfinished.
-- A full disk (ENOSPC, EDQUOT) stops the submitting; what is in flight is still written where it
-  fits, a line that does not fit leaves nothing behind and no manifest record, and the command
-  exits with ``exits.NO_SPACE`` saying how far it got: ``--resume`` does the rest.
+- A full disk (ENOSPC; or a quota, a read-only filesystem: :func:`cosy.diskspace.is_no_space`) stops
+  the submitting; what is in flight is still written where it fits, a line that does not fit leaves
+  nothing behind and no manifest record, and the command exits with ``exits.NO_SPACE`` saying how
+  far it got: ``--resume`` does the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cosy import protocol as P
 from cosy.cli import exits
+from cosy.diskspace import describe, is_no_space
 from cosy.endpoints import Endpoints
 
 if TYPE_CHECKING:
@@ -42,7 +45,6 @@ if TYPE_CHECKING:
 NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 RETRYABLE = {P.WORKER_LOST, "INCOMPLETE_AUDIO", P.CLIENT_GONE, P.ENGINE_ERROR, P.BUSY}
 FINAL = {P.BAD_REQUEST, P.TEXT_TOO_LONG, P.UNKNOWN_VOICE, P.DUPLICATE_JOB}
-NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 CAPTION_FORMATS = ("srt", "vtt")
 BUSY_FIRST_S = 0.2
 BUSY_MAX_S = 5.0
@@ -52,24 +54,6 @@ def busy_delay(rejections: int) -> float:
     """Seconds to wait before resubmitting a line the broker refused as BUSY ``rejections`` times in a row
     (1 = the first refusal): 0.2 s, doubling with each refusal, at most 5 s."""
     return min(BUSY_MAX_S, BUSY_FIRST_S * 2 ** min(max(rejections, 1) - 1, 10))
-
-
-def is_no_space(exc: BaseException) -> bool:
-    """A full disk or an exhausted quota."""
-    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
-
-
-def mount_point(path: Path) -> str:
-    """The mount point of the filesystem that holds ``path`` (the top folder on the same device); the path
-    itself where it cannot be stat'ed."""
-    try:
-        here = path.resolve()
-        dev = here.stat().st_dev
-        while here != here.parent and here.parent.stat().st_dev == dev:
-            here = here.parent
-    except OSError:
-        return str(path)
-    return str(here)
 
 
 @dataclass
@@ -433,7 +417,7 @@ class Batch:
     def disk_full(self, exc: OSError) -> None:
         if self.full is None:
             self.full = exc
-            print(f"cosy batch: no space left on {mount_point(self.outdir)}; submitting nothing more, "
+            print(f"cosy batch: {describe(exc, self.outdir)}; submitting nothing more, "
                   f"{len(self.inflight)} lines in flight", file=sys.stderr, flush=True)
 
     def store(self, line: Line, ev: Completed) -> bool:
@@ -463,7 +447,8 @@ class Batch:
         except OSError as exc:
             for written in (path, caption_path):  # no file without its record
                 if written is not None:
-                    written.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        written.unlink(missing_ok=True)
             return self.cannot_write(line, path, exc)
         return True
 
@@ -500,7 +485,7 @@ def run_batch(eps: Endpoints, *, source: str, outdir: Path, fmt: str, voice: str
         probe.unlink()
     except OSError as exc:
         if is_no_space(exc):
-            exits.fail(no_space_message(outdir, 0, len(parsed.lines)), exits.NO_SPACE)
+            exits.fail(no_space_message(exc, outdir, 0, len(parsed.lines)), exits.NO_SPACE)
         exits.fail(f"cannot write to {outdir}: {exc.strerror}", exits.USAGE)
     layout = Layout(outdir.resolve(), fmt, captions.lower() if captions else None)
     outdir = layout.outdir
@@ -537,7 +522,7 @@ def run_batch(eps: Endpoints, *, source: str, outdir: Path, fmt: str, voice: str
     except OSError as exc:
         manifest.close()
         if is_no_space(exc):
-            exits.fail(no_space_message(outdir, skipped, lines), exits.NO_SPACE)
+            exits.fail(no_space_message(exc, outdir, skipped, lines), exits.NO_SPACE)
         exits.fail(f"cannot write in {outdir}: {exc.strerror or exc}", exits.JOB_FAILED)
     failed: list[Line] = list(parsed.invalid)
     if not todo:
@@ -577,15 +562,18 @@ def run_batch(eps: Endpoints, *, source: str, outdir: Path, fmt: str, voice: str
     if batch.full is not None:
         for line in sorted(failed, key=lambda item: item.number):
             print(f"  line {line.number}: {line.error}", file=sys.stderr)
-        print(f"cosy: {no_space_message(outdir, skipped + batch.written, lines)}", file=sys.stderr)
+        print(f"cosy: {no_space_message(batch.full, outdir, skipped + batch.written, lines)}", file=sys.stderr)
         return exits.NO_SPACE
     _summary(total, skipped, batch.written, failed, outdir, manifest)
     return exits.JOB_FAILED if failed else exits.OK
 
 
-def no_space_message(outdir: Path, written: int, lines: int) -> str:
-    return (f"no space left on {mount_point(outdir)} ({written} of {lines} lines written; free space, then run "
-            "the same command with --resume)")
+def no_space_message(exc: OSError, outdir: Path, written: int, lines: int) -> str:
+    """'no space left on /srv (ext4) (12 of 5000 lines written; free space, then run the same command with
+    --resume)'; a quota or a read-only filesystem says so instead."""
+    fix = "make it writable" if exc.errno == errno.EROFS else "free space"
+    return (f"{describe(exc, outdir)} ({written} of {lines} lines written; {fix}, then run the same command "
+            "with --resume)")
 
 
 def _write_missing_captions(missing: list[tuple[Path, dict[str, Any]]]) -> None:

@@ -16,7 +16,7 @@ from stack import Stack
 from tmpfs import fill, small_tmpfs
 
 LINES = 24  # 16 KB each on the tmpfs (4 KB pages: a 0.2 s wav and its captions): 400 KB in all
-MESSAGE = re.compile(r"^cosy: no space left on (?P<device>\S+) \((?P<n>\d+) of (?P<m>\d+) lines written; "
+MESSAGE = re.compile(r"^cosy: no space left on (?P<device>.+?) \((?P<n>\d+) of (?P<m>\d+) lines written; "
                      r"free space, then run the same command with --resume\)$", re.M)
 
 
@@ -77,7 +77,7 @@ def test_a_batch_onto_a_nearly_full_disk_stops_with_exit_5_and_resume_finishes(
         assert "Traceback" not in err and "Error" not in err, err
         match = MESSAGE.search(err)
         assert match, err
-        assert match["device"] == str(disk) and int(match["m"]) == LINES
+        assert match["device"] == f"{disk} (tmpfs)" and int(match["m"]) == LINES
         written = int(match["n"])
         assert 1 <= written < LINES, err
         done = assert_consistent(outdir, fmt)
