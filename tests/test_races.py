@@ -1,0 +1,179 @@
+"""The reconnect and replay races (issue 15), each made to happen every time against real processes.
+
+A race that a quiet machine wins nearly always is lost some day under load; each test here arranges the losing
+order on purpose (a publisher stuck in its handshake, a DONE that overtakes chunks, a connection cut mid-job, a
+broker away for longer than a send queue holds, an engine that acknowledges a cancel late) and checks that nothing
+is lost. tests/race_worker.py is the real worker with the knobs that put its messages in those orders.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import zmq
+from stack import Stack
+
+from cosy import protocol as P
+from cosy.client import Client, Completed, Failed, Rejected
+from cosy.endpoints import Endpoints
+
+RACE_WORKER = str(Path(__file__).parent / "race_worker.py")
+TONE_RATE = 22050
+TERMINAL = (Completed, Failed, Rejected)
+
+
+def tone_samples(text: str) -> int:
+    return int(len(text) * 0.02 * TONE_RATE)  # the tone engine: 20 ms of audio per character
+
+
+def run_until(client: Client, done: Callable[[list], bool], timeout: float = 60) -> list:
+    events: list = []
+    deadline = time.monotonic() + timeout
+    while not done(events):
+        assert time.monotonic() < deadline, f"timed out; events so far: {events[-5:]}"
+        events += client.poll(0.05)
+    return events
+
+
+def ended(*jobs: str) -> Callable[[list], bool]:
+    return lambda events: {e.job for e in events if isinstance(e, TERMINAL)} >= set(jobs)
+
+
+def completed(events: list, job: str) -> Completed:
+    outcome = [e for e in events if isinstance(e, TERMINAL) and e.job == job]
+    assert len(outcome) == 1 and isinstance(outcome[0], Completed), outcome
+    return outcome[0]
+
+
+def status(endpoints: Endpoints) -> dict:
+    """The broker's status, asked in-process (a `cosy status` process takes most of a second)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoints.front)
+    try:
+        sock.send_multipart(P.StatusRequest().to_frames())
+        assert sock.poll(15_000), "the broker did not answer STATUS"
+        reply = P.decode(sock.recv_multipart(), P.BROKER_TO_CLIENT)
+        assert isinstance(reply, P.StatusReply)
+        return reply.status
+    finally:
+        sock.close(linger=0)
+
+
+def start_race_worker(s: Stack, name: str, *args: str) -> object:
+    proc = s.spawn_script(RACE_WORKER, "--runtime-dir", str(s.runtime_dir), "--name", name, *args, name=name)
+    s.workers[name] = proc
+    s.wait_worker(name)
+    return proc
+
+
+class Tarpit:
+    """A unix socket at PATH that accepts one connection and never speaks ZMTP: the ZeroMQ peer that connects is
+    stuck in its handshake (ZMQ_HANDSHAKE_IVL, 30 s), as one behind a slow or lossy link is. Once it caught that
+    peer, the path is free again for the real socket to bind."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.unlink(missing_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(4)
+        self.caught: list[socket.socket] = []
+
+    def catch_one(self, timeout: float) -> None:
+        self.listener.settimeout(timeout)
+        conn, _ = self.listener.accept()
+        self.caught.append(conn)
+        self.listener.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Tarpit:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+        for conn in self.caught:
+            conn.close()
+
+
+class UnixProxy:
+    """A unix-socket relay in front of a broker socket: ``cut()`` breaks every connection through it, as a network
+    blip does; the ZeroMQ peer then reconnects through it on its own."""
+
+    def __init__(self, path: Path, upstream: Path) -> None:
+        self.path = path
+        self.upstream = upstream
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(8)
+        self.conns: list[socket.socket] = []
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            up.connect(str(self.upstream))
+            with self._lock:
+                self.conns += [down, up]
+                self.accepted += 1
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        with self._lock:
+            conns, self.conns = self.conns, []
+        for sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+# --- 6. smaller ones ----------------------------------------------------------------------------------------------
+
+
+def test_the_stack_leaves_no_log_file_open() -> None:
+    import gc
+    import warnings
+
+    s = Stack()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            proc = s.spawn("--help", name="help")
+            assert proc.wait(60) == 0
+            gc.collect()
+    finally:
+        s.stop()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, leaks
