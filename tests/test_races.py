@@ -18,7 +18,7 @@ import zmq
 from stack import Stack
 
 from cosy import protocol as P
-from cosy.client import Client, Completed, Failed, Rejected
+from cosy.client import Client, Completed, Failed, JobSpec, Rejected
 from cosy.endpoints import Endpoints
 
 RACE_WORKER = str(Path(__file__).parent / "race_worker.py")
@@ -157,6 +157,30 @@ class UnixProxy:
     def close(self) -> None:
         self.listener.close()
         self.cut()
+
+
+# --- 1. READY only once the audio path works, after a reconnect too ---------------------------------------------
+
+
+def test_a_job_right_after_a_broker_restart_gets_its_first_chunk(bare_stack: Stack) -> None:
+    """The worker's audio publisher reconnects to the new broker later than its DEALER (here: stuck in a handshake).
+    It must not announce READY before the new broker's subscription reached it, or the first job's chunks are
+    dropped at the source, where no replay can repair them."""
+    s = bare_stack
+    s.start_broker("--heartbeat-ms", "1000")  # a 3 s liveness window: the tarpit is in place well before it ends
+    s.start_worker("tone", name="t", extra=("--heartbeat-ms", "1000"))
+    s.kill(s.broker)
+    with Tarpit(s.runtime_dir / "audio-in.sock") as tarpit:
+        tarpit.catch_one(10)  # the worker's XPUB reconnected into it
+        s.start_broker("--heartbeat-ms", "1000")
+        s.wait_worker("t", timeout=30)
+        text = "the first job after a restart"
+        with Client(s.endpoints) as client:
+            client.connect()
+            client.submit(JobSpec(text, job="after-restart"))
+            events = run_until(client, ended("after-restart"), 40)
+    done = completed(events, "after-restart")
+    assert done.replayed == 0 and done.samples == tone_samples(text) == done.done.samples
 
 
 # --- 6. smaller ones ----------------------------------------------------------------------------------------------

@@ -159,15 +159,26 @@ class Worker:
         log.info("engine %s warm in %.2f s (capacity %d)", self.engine.name, time.perf_counter() - t0,
                  self.engine.capacity)
 
-    def run(self, stop: threading.Event) -> None:
-        pull = self.ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.bind(self._results_ep)
+    def _open_audio(self) -> zmq.Socket:
+        """A fresh XPUB to the broker's audio-in. A new connection gets the broker's subscribe-all again, which is
+        what READY waits for: after a reconnect the old XPUB's pipe may be stale or still be joining."""
         xpub = self.ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.LINGER, 0)
         xpub.setsockopt(zmq.SNDHWM, 100_000)
         prepare_client(xpub, self._curve)
         xpub.connect(self.endpoints.audio_in)
+        return xpub
+
+    def _close_audio(self, xpub: zmq.Socket) -> None:
+        with self._audio_lock:  # no synthesis thread is on it, and none will be: _publish sees None
+            self._audio = None
+            xpub.close(linger=0)
+
+    def run(self, stop: threading.Event) -> None:
+        pull = self.ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.bind(self._results_ep)
+        xpub = self._open_audio()
         dealer = self._connect_dealer()
 
         poller = zmq.Poller()
@@ -182,6 +193,20 @@ class Worker:
         next_hb = 0.0
         next_voices = time.monotonic() + VOICE_REFRESH_S
         watchdog = sdnotify.Watchdog()
+
+        def register_again() -> None:
+            """Whatever made us reconnect (a broker restart, RECONNECT, silence), register as at first start: READY
+            only once a fresh audio publisher has the broker's subscription (no first chunk lost to a slow join)."""
+            nonlocal xpub, audio_ready, registered
+            self._cancel_all()
+            if not audio_ready:
+                poller.unregister(xpub)
+            self._close_audio(xpub)
+            xpub = self._open_audio()
+            poller.register(xpub, zmq.POLLIN)
+            audio_ready = registered = False
+            self.epoch = ""  # the broker that acknowledges the new READY is the one we serve
+
         try:
             while not stop.is_set():
                 now = time.monotonic()
@@ -204,12 +229,11 @@ class Worker:
                     break
                 if registered and now - broker_seen > self.heartbeat_s * self.liveness:
                     log.warning("broker silent for %.1f s: reconnecting", now - broker_seen)
-                    self._cancel_all()
                     poller.unregister(dealer)
                     dealer.close()
                     dealer = self._connect_dealer()
                     poller.register(dealer, zmq.POLLIN)
-                    registered = False
+                    register_again()
                     broker_seen = now
                     continue
                 timeout = max(0.0, min(next_hb - time.monotonic(), 0.25)) if registered else 0.25
@@ -217,7 +241,7 @@ class Worker:
                 events = dict(poller.poll(timeout * 1000))
                 if pull in events:
                     self._drain_results(pull, dealer)
-                if xpub in events:
+                if not audio_ready and xpub in events:
                     while True:
                         try:
                             sub = xpub.recv(zmq.NOBLOCK)
@@ -240,8 +264,7 @@ class Worker:
                             acknowledged = True  # the broker answered our READY: we are serving
                             self._announce_ready()
                         if self._handle(frames, dealer) == "reconnect":
-                            self._cancel_all()
-                            registered = False
+                            register_again()
             # Clean stop: tell the broker, so it requeues what we still run at once.
             self._cancel_all()
             if registered:
@@ -249,9 +272,7 @@ class Worker:
                 time.sleep(0.05)  # let libzmq hand DISCONNECT to the socket before it closes
         finally:
             sdnotify.notify("STOPPING=1")
-            with self._audio_lock:
-                self._audio = None
-                xpub.close(linger=0)
+            self._close_audio(xpub)
             for sock in (pull, dealer):
                 sock.close(linger=0)
             with self._pushers_lock:
