@@ -8,6 +8,7 @@ is lost. tests/race_worker.py is the real worker with the knobs that put its mes
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ import zmq
 from stack import Stack
 
 from cosy import protocol as P
-from cosy.client import Client, Completed, Failed, JobSpec, Rejected
+from cosy.client import Audio, Client, Completed, Failed, JobSpec, Rejected
 from cosy.endpoints import Endpoints
 
 RACE_WORKER = str(Path(__file__).parent / "race_worker.py")
@@ -181,6 +182,34 @@ def test_a_job_right_after_a_broker_restart_gets_its_first_chunk(bare_stack: Sta
             events = run_until(client, ended("after-restart"), 40)
     done = completed(events, "after-restart")
     assert done.replayed == 0 and done.samples == tone_samples(text) == done.done.samples
+
+
+# --- 5. each socket closed by the thread that uses it ---------------------------------------------------------------
+
+
+def test_cancel_then_a_new_job_on_the_same_slot_and_a_stop_mid_job_leave_no_error(stack: Stack) -> None:
+    """An engine with threads of its own (CosyVoice's pipeline) may report a cancelled run done a while later:
+    after the broker gave the slot to the next job, or after the worker began to stop."""
+    s = stack
+    worker = start_race_worker(s, "sc", "--slow-cancel", "1.0", "--capacity", "1", "--delay-ms", "50")
+    with Client(s.endpoints) as client:
+        client.connect()
+        client.submit(JobSpec("a" * 20, job="first"))
+        completed(run_until(client, ended("first")), "first")
+        client.submit(JobSpec("b" * 200, job="cancelled"))
+        run_until(client, lambda ev: any(isinstance(e, Audio) and e.job == "cancelled" for e in ev))
+        client.cancel("cancelled")
+        client.submit(JobSpec("c" * 20, job="same-slot"))
+        events = run_until(client, ended("cancelled", "same-slot"))
+        assert [e.code for e in events if isinstance(e, Failed)] == [P.CANCELLED]
+        assert completed(events, "same-slot").samples == tone_samples("c" * 20)
+        client.submit(JobSpec("d" * 200, job="interrupted"))
+        run_until(client, lambda ev: any(isinstance(e, Audio) and e.job == "interrupted" for e in ev))
+        s.kill(worker, signal.SIGTERM)  # type: ignore[arg-type]
+    assert worker.returncode == 0  # type: ignore[attr-defined]
+    log = (s.runtime_dir / "sc.log").read_text()
+    assert "worker sc stopped" in log
+    assert "Traceback" not in log and " ERROR " not in log, log
 
 
 # --- 6. smaller ones ----------------------------------------------------------------------------------------------

@@ -8,8 +8,11 @@ Sockets:
                                    its first chunk cannot be lost to a slow join. The main loop reads
                                    that subscription, then hands the socket to the synthesis threads,
                                    which send their chunks on it themselves under a lock: no thread
-                                   hop between a chunk and the wire.
-  PULL    <- inproc, from the synthesis threads (each has its own PUSH): DONE / FAILED / cancelled
+                                   hop between a chunk and the wire. Only the main loop opens and closes
+                                   it (under the lock, after which no thread touches it again).
+
+The synthesis threads own no socket: a run's outcome (DONE / FAILED / cancelled) goes to the main loop on a plain
+queue, and a byte on a self-pipe wakes its poller. So no socket is ever used by one thread while another closes it.
 
 The engine runs jobs on threads of its own (``Engine.start`` returns at once; simple engines through
 ``ThreadedEngine``), so heartbeats keep flowing while it works.
@@ -20,10 +23,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,10 +88,10 @@ class Worker:
         self.on_ready = on_ready
         self.runs: dict[str, Run] = {}
         self.stats = Stats()
-        self._results_ep = f"inproc://cosy-results-{uuid.uuid4().hex}"
-        self._local = threading.local()
-        self._pushers: list[zmq.Socket] = []
-        self._pushers_lock = threading.Lock()
+        # A run's outcome, from the synthesis threads to the main loop: (b"D", DONE/FAILED frames) or (b"X", run).
+        self._results: queue.SimpleQueue[tuple[bytes, list[bytes]]] = queue.SimpleQueue()
+        self._wake: tuple[int, int] | None = None  # the self-pipe that wakes the main loop; guarded by _wake_lock
+        self._wake_lock = threading.Lock()
         self._audio: zmq.Socket | None = None  # the XPUB, once the broker subscribed; guarded by _audio_lock
         self._audio_lock = threading.Lock()
         self._voices = [v.name for v in engine.voices()]
@@ -98,16 +101,15 @@ class Worker:
 
     # --- engine side (synthesis threads) ------------------------------------------
 
-    def _pusher(self) -> zmq.Socket:
-        sock = getattr(self._local, "push", None)
-        if sock is None:
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self._results_ep)
-            self._local.push = sock
-            with self._pushers_lock:
-                self._pushers.append(sock)
-        return sock
+    def _post(self, kind: bytes, frames: list[bytes]) -> None:
+        """Hand a run's outcome to the main loop (any thread, any time: after the loop ended it is just dropped)."""
+        self._results.put((kind, frames))
+        with self._wake_lock:
+            if self._wake is not None:
+                try:
+                    os.write(self._wake[1], b"\0")
+                except BlockingIOError:
+                    pass  # the pipe is full: the loop is awake anyway
 
     def _publish(self, parts: list[Any]) -> None:
         with self._audio_lock:  # the lock also carries the socket safely between threads (a full barrier)
@@ -175,14 +177,16 @@ class Worker:
             xpub.close(linger=0)
 
     def run(self, stop: threading.Event) -> None:
-        pull = self.ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.bind(self._results_ep)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        with self._wake_lock:
+            self._wake = (wake_r, wake_w)
         xpub = self._open_audio()
         dealer = self._connect_dealer()
 
         poller = zmq.Poller()
-        poller.register(pull, zmq.POLLIN)
+        poller.register(wake_r, zmq.POLLIN)
         poller.register(xpub, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
 
@@ -239,8 +243,9 @@ class Worker:
                 timeout = max(0.0, min(next_hb - time.monotonic(), 0.25)) if registered else 0.25
                 timeout = min(timeout, watchdog.due_in())
                 events = dict(poller.poll(timeout * 1000))
-                if pull in events:
-                    self._drain_results(pull, dealer)
+                if wake_r in events:
+                    _drain_pipe(wake_r)
+                self._drain_results(dealer)
                 if not audio_ready and xpub in events:
                     while True:
                         try:
@@ -273,14 +278,11 @@ class Worker:
         finally:
             sdnotify.notify("STOPPING=1")
             self._close_audio(xpub)
-            for sock in (pull, dealer):
-                sock.close(linger=0)
-            with self._pushers_lock:
-                for s in self._pushers:
-                    try:
-                        s.close(linger=0)
-                    except zmq.ZMQError:
-                        pass
+            dealer.close(linger=0)
+            with self._wake_lock:
+                self._wake = None
+                os.close(wake_r)
+                os.close(wake_w)
 
     def _fail_stalled(self, now: float, dealer: zmq.Socket) -> bool:
         """Fail every run whose engine made no progress for stall_s (retryable elsewhere); True if any did."""
@@ -357,15 +359,13 @@ class Worker:
             return "reconnect"
         return None
 
-    def _drain_results(self, pull: zmq.Socket, dealer: zmq.Socket) -> None:
+    def _drain_results(self, dealer: zmq.Socket) -> None:
         for _ in range(1000):
             try:
-                frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+                kind, body = self._results.get_nowait()
+            except queue.Empty:
                 return
-            kind = frames[0].bytes
             if kind == b"D":
-                body = [f.bytes for f in frames[1:]]
                 msg = P.decode(body, P.WORKER_MESSAGES)
                 run = self.runs.pop(msg.run, None)
                 if run is None:
@@ -378,7 +378,7 @@ class Worker:
                     self.stats.failed += 1
                 dealer.send_multipart(body)
             elif kind == b"X":
-                self.runs.pop(frames[1].bytes.decode(), None)
+                self.runs.pop(body[0].decode(), None)
 
 
 class RunSink:
@@ -423,7 +423,7 @@ class RunSink:
         rtf = elapsed / (samples / rate) if samples else 0.0
         msg = P.JobDone(job.job, job.run, job.attempt, seq + 1, samples, rate, round(self.ttfc, 3), round(rtf, 5),
                         self.worker.name)
-        self.worker._pusher().send_multipart([b"D", *msg.to_frames()])
+        self.worker._post(b"D", msg.to_frames())
 
     def failed(self, error: BaseException) -> None:
         if self._close():
@@ -437,7 +437,7 @@ class RunSink:
             message = f"{error.__class__.__name__}: {error}"
             retryable = "out of memory" in str(error).lower()
         msg = P.JobFailed(job.job, P.ENGINE_ERROR, message, job.run, job.attempt, retryable)
-        self.worker._pusher().send_multipart([b"D", *msg.to_frames()])
+        self.worker._post(b"D", msg.to_frames())
 
     def _close(self) -> bool:
         """Mark the run ended; True if it had ended already or was cancelled (nothing more to say)."""
@@ -445,9 +445,17 @@ class RunSink:
             return True
         self.closed = True
         if self.run.cancelled.is_set():
-            self.worker._pusher().send_multipart([b"X", self.run.job.run.encode()])
+            self.worker._post(b"X", [self.run.job.run.encode()])
             return True
         return False
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _to_s16(audio: np.ndarray) -> np.ndarray:
