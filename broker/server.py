@@ -18,8 +18,8 @@ import signal
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import zmq
 
 from cosy import __version__, sdnotify
 from cosy import protocol as P
+from cosy.broker.replay import ReplayStore
 from cosy.broker.scheduler import JobEntry, Scheduler, WorkerEntry
 from cosy.endpoints import Endpoints, ensure_runtime_dir
 from cosy.zmqio import recv_frames, send_frames
@@ -52,14 +53,6 @@ class BrokerConfig:
     audio_hwm: int = 100_000  # chunks queued per subscriber before PUB/SUB drops (then replay repairs)
 
 
-@dataclass
-class ReplayBuffer:
-    job: str
-    chunks: dict[int, tuple[Any, Any]] = field(default_factory=dict)
-    nbytes: int = 0
-    finished: float = 0.0
-
-
 class BrokerAlreadyRunning(RuntimeError):
     pass
 
@@ -75,8 +68,7 @@ class Broker:
         self.sched = Scheduler(self.config.max_queue, self.config.max_attempts, self.config.subscribe_wait_s)
         self.subscribed: set[bytes] = set()
         self.clients: dict[str, tuple[bytes, float]] = {}  # client id -> (route, last seen)
-        self.replay: OrderedDict[str, ReplayBuffer] = OrderedDict()  # run -> buffer
-        self.replay_total = 0
+        self.replay = ReplayStore(self.config.replay_bytes, self.config.replay_ttl_s)
         self.outbox: dict[bytes, deque[list[Any]]] = {}
         self._front_pending: list[tuple[bytes, list[Any]]] = []  # this turn's messages to clients (_send)
         self.counters = {"accepted": 0, "rejected": 0, "done": 0, "failed": 0, "retried": 0,
@@ -292,6 +284,7 @@ class Broker:
 
     def _forward_audio(self) -> None:
         runs, replay, counters = self.sched.runs, self.replay, self.counters
+        now = time.monotonic()
         audio_in, audio_out = self.audio_in, self.audio_out
         for _ in range(1000):
             try:
@@ -310,48 +303,22 @@ class Broker:
             if entry is not None:
                 job = entry.job
                 if not entry.first_chunk:
-                    entry.first_chunk = time.monotonic()
+                    entry.first_chunk = now
             else:
-                # The worker's DONE (on the back socket) can overtake the run's last chunks (on
-                # audio-in): a run that just finished still has its replay buffer, so keep forwarding.
-                buf = replay.get(header.run)
-                if buf is None or not buf.finished:
+                # The worker's DONE (on the back socket) can overtake the run's last chunks (on audio-in): a run
+                # that finished a moment ago still gets them forwarded, whether or not its chunks are buffered.
+                late = replay.late_job(header.run)
+                if late is None:
                     continue  # a cancelled or unknown run: nobody wants it
-                job = buf.job
+                job = late
             if header.job != job or frames[0].bytes != P.topic(job):
                 counters["malformed"] += 1
                 continue
-            self._buffer(header, frames[1], frames[2])
+            replay.add(header, frames[1], frames[2], now)
             try:
                 send_frames(audio_out, frames)
             except zmq.Again:
                 pass  # the replay buffer covers it
-
-    def _buffer(self, header: P.ChunkHeader, hframe: Any, pframe: Any) -> None:
-        buf = self.replay.get(header.run)
-        if buf is None:
-            buf = self.replay[header.run] = ReplayBuffer(header.job)
-        n = len(pframe) + len(hframe)
-        buf.chunks[header.seq] = (hframe, pframe)
-        buf.nbytes += n
-        self.replay_total += n
-        while self.replay_total > self.config.replay_bytes and self.replay:
-            self._evict_oldest()
-
-    def _drop_replay(self, run: str) -> None:
-        buf = self.replay.pop(run, None)
-        if buf is not None:
-            self.replay_total -= buf.nbytes
-
-    def _evict_oldest(self) -> None:
-        _, old = self.replay.popitem(last=False)
-        self.replay_total -= old.nbytes
-
-    def _finish_replay(self, run: str, job: str) -> None:
-        buf = self.replay.get(run)
-        if buf is None:  # DONE before any chunk got here: make room for the late ones
-            buf = self.replay[run] = ReplayBuffer(job)
-        buf.finished = time.monotonic()
 
     def _read_subscriptions(self) -> None:
         for _ in range(1000):
@@ -447,7 +414,7 @@ class Broker:
 
     def _cancel(self, entry: JobEntry, code: str, message: str) -> None:
         self.sched.remove(entry.job)
-        self._drop_replay(entry.run)
+        self.replay.drop(entry.run)
         self._count("cancelled")
         if entry.running:
             self._send(self.back, entry.worker, P.CancelRun(entry.job, entry.run).to_frames())  # type: ignore[arg-type]
@@ -501,7 +468,7 @@ class Broker:
             self.sched.remove(entry.job)
             worker.jobs_done += 1
             self.counters["done"] += 1
-            self._finish_replay(msg.run, entry.job)
+            self.replay.finish(msg.run, entry.job, now)
             ttfc_ms = (entry.first_chunk - entry.started) * 1000 if entry.first_chunk else msg.ttfc_ms
             self.ttfc_ms.append(ttfc_ms)
             del self.ttfc_ms[:-1000]
@@ -519,6 +486,7 @@ class Broker:
                 self._requeue([entry], msg.message)
             else:
                 self.sched.remove(entry.job)
+                self.replay.drop(entry.run)
                 self._count("failed")
                 self._to_client(entry.client, P.JobFailed(entry.job, msg.code, msg.message, entry.run,
                                                           entry.attempt))
@@ -529,6 +497,7 @@ class Broker:
     def _requeue(self, entries: list[JobEntry], reason: str) -> None:
         for entry in entries:
             run, attempt = entry.run, entry.attempt
+            self.replay.drop(run)  # that attempt is abandoned: no client keeps it
             if self.sched.retry_or_fail(entry):
                 self._count("retried")
                 log.info("job %s: attempt %d lost (%s); requeued", entry.job, attempt, reason)
@@ -559,13 +528,7 @@ class Broker:
             self.metrics.update_workers([{"name": w.info.worker, "capacity": w.info.capacity,
                                           "running": len(w.running), "metrics": w.metrics}
                                          for w in self.sched.workers.values()])
-        # Replay buffers expire: finished runs after the TTL, abandoned ones (retried) at once.
-        while self.replay:
-            run, buf = next(iter(self.replay.items()))
-            expired = now - buf.finished > self.config.replay_ttl_s if buf.finished else run not in self.sched.runs
-            if not expired:
-                break
-            self._evict_oldest()
+        self.replay.expire(now, self.sched.runs)
 
     def _dispatch(self) -> None:
         for entry, worker in self.sched.dispatch(self.subscribed):
@@ -602,7 +565,7 @@ class Broker:
             "voices": self.sched.voices(),
             "counters": dict(self.counters),
             "ttfc_ms_p50": ttfc[len(ttfc) // 2] if ttfc else None,
-            "replay_buffer_bytes": self.replay_total,
+            "replay_buffer_bytes": self.replay.total,
         }
 
 

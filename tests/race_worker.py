@@ -94,7 +94,7 @@ class RaceWorker(Worker):
         with self._held_lock:
             held = self._held.setdefault(header.run, [])
             held.append(parts)
-            out = held[:-self.late] if not header.final else []
+            out = [] if header.final else held[:len(held) - (self.late - 1)]  # the final one makes N
             del held[:len(out)]
         for chunk in out:
             super()._publish(chunk)

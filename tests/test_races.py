@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import zmq
-from stack import Stack
+from stack import Stack, wait_for
 
 from cosy import protocol as P
 from cosy.client import Audio, Client, Completed, Failed, JobSpec, Rejected
@@ -182,6 +182,53 @@ def test_a_job_right_after_a_broker_restart_gets_its_first_chunk(bare_stack: Sta
             events = run_until(client, ended("after-restart"), 40)
     done = completed(events, "after-restart")
     assert done.replayed == 0 and done.samples == tone_samples(text) == done.done.samples
+
+
+# --- 2. late chunks and the replay buffer -----------------------------------------------------------------------
+
+
+def test_chunks_that_a_done_overtook_reach_the_client_without_a_replay_buffer(bare_stack: Stack) -> None:
+    s = bare_stack
+    s.start_broker("--replay-buffer-mb", "0")
+    start_race_worker(s, "late", "--late", "2")  # the last data chunk and the final one leave after the DONE
+    text = "l" * 50  # 1 s: 10 chunks and the final one
+    with Client(s.endpoints) as client:
+        client.connect()
+        client.submit(JobSpec(text, job="overtaken"))
+        events = run_until(client, ended("overtaken"))
+    done = completed(events, "overtaken")
+    assert done.samples == tone_samples(text) and done.done.chunks == 11 and done.replayed == 0
+    assert "2 chunks sent after the broker counted its DONE" in (s.runtime_dir / "late.log").read_text()
+
+
+def test_size_eviction_takes_finished_runs_before_a_running_one(bare_stack: Stack, tmp_path: Path) -> None:
+    """A long job's replay buffer is the oldest; eight short jobs finish meanwhile and fill the buffer past its size.
+    Eviction must take the finished ones and keep the running job's chunks, which its client still needs."""
+    s = bare_stack
+    s.start_broker("--replay-buffer-mb", "0.5", "--client-timeout", "120")
+    gate = tmp_path / "open"
+    start_race_worker(s, "gated", "--gate", str(gate), "--capacity", "4")
+    long_text = "g" * 100  # 20 chunks; it stops before chunk 3 until the gate opens
+    # The long job's client loses chunk 0 and, not reading meanwhile, asks for it only at the end.
+    slow = Client(s.endpoints, drop_chunk=lambda h: h.job == "gated-long" and h.seq == 0)
+    try:
+        slow.connect()
+        slow.submit(JobSpec(long_text, job="gated-long"))
+        wait_for(lambda: status(s.endpoints)["replay_buffer_bytes"] >= 3 * 4410, 30, "the long job's first chunks")
+        with Client(s.endpoints) as fast:
+            fast.connect()
+            short = [f"short-{i}" for i in range(8)]
+            for job in short:
+                fast.submit(JobSpec("f" * 100, job=job))  # 88 KB of chunks each: 700 KB in all
+            events = run_until(fast, ended(*short))
+        assert all(isinstance(e, Completed) for e in events if isinstance(e, TERMINAL))
+        assert status(s.endpoints)["running"] == 1
+        gate.touch()
+        events = run_until(slow, ended("gated-long"))
+    finally:
+        slow.close()
+    done = completed(events, "gated-long")
+    assert done.replayed >= 1 and done.samples == tone_samples(long_text)
 
 
 # --- 5. each socket closed by the thread that uses it ---------------------------------------------------------------
