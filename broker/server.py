@@ -110,7 +110,9 @@ class Broker:
             self._auth = security.start_authenticator(self.ctx, self._keys)
         old = os.umask(0o117 if self.config.group_shared else 0o177)
         try:
-            self.front = self._socket(zmq.ROUTER, self.endpoints.front, P.MAX_FRONT_MSG, {zmq.ROUTER_MANDATORY: 1})
+            # Clients connect with their client id as routing id; HANDOVER gives a reconnecting client its route back.
+            self.front = self._socket(zmq.ROUTER, self.endpoints.front, P.MAX_FRONT_MSG,
+                                      {zmq.ROUTER_MANDATORY: 1, zmq.ROUTER_HANDOVER: 1})
             self.back = self._socket(zmq.ROUTER, self.endpoints.back, P.MAX_BACK_MSG, {zmq.ROUTER_MANDATORY: 1})
             self.audio_in = self._socket(zmq.XSUB, self.endpoints.audio_in, P.MAX_AUDIO_MSG, {zmq.RCVHWM: 100_000})
             self.audio_in.send(b"\x01")  # subscribe to everything: the broker buffers all audio
@@ -251,8 +253,20 @@ class Broker:
             log.debug("worker %r is not reading; message dropped", route)
             return False
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
+            if sock is self.front and self._reconnects(route):
+                return self._queue_out(route, frames)  # it comes back under the same route: keep it for then
             log.debug("could not send to %r: %s", route, exc)
             return False
+
+    def _reconnects(self, route: bytes) -> bool:
+        """A client whose route is its client id (PROTOCOL.md, "Routing"), not yet timed out: while it is away, its
+        messages wait in its outbox, and its reconnection (ROUTER_HANDOVER) gets them."""
+        try:
+            client = route.decode()
+        except UnicodeDecodeError:
+            return False
+        known = self.clients.get(client)
+        return known is not None and known[0] == route
 
     def _queue_out(self, route: bytes, frames: list[Any]) -> bool:
         box = self.outbox.setdefault(route, deque())
@@ -272,6 +286,8 @@ class Broker:
             except zmq.Again:
                 continue
             except zmq.ZMQError:
+                if self._reconnects(route):
+                    continue  # between two connections: kept until it is back or times out
                 box.clear()  # the client is gone
             del self.outbox[route]
 
@@ -521,7 +537,8 @@ class Broker:
                 log.info("job %s: client %s is gone; cancelled", entry.job, entry.client)
                 self._cancel(entry, P.CLIENT_GONE, "client stopped answering")
             for c in gone:
-                del self.clients[c]
+                route, _ = self.clients.pop(c)
+                self.outbox.pop(route, None)
         if self.metrics:
             q = self.sched.queued
             self.metrics.update_queue(q[P.INTERACTIVE], q[P.BULK], len(self.sched.workers))

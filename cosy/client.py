@@ -39,6 +39,14 @@ class BrokerUnreachable(ConnectionError):
     pass
 
 
+def check_client_id(client_id: str) -> bytes:
+    """The client id as the DEALER's routing id (PROTOCOL.md, "Routing"); ValueError if it cannot be one."""
+    routing_id = client_id.encode()
+    if not (1 <= len(client_id) <= 64) or len(routing_id) > 255 or routing_id[:1] == b"\0":
+        raise ValueError(f"client id {client_id!r}: 1-64 characters, at most 255 bytes, not starting with NUL")
+    return routing_id
+
+
 @dataclass
 class JobSpec:
     """What to synthesize; the job id defaults to a fresh random one."""
@@ -199,6 +207,7 @@ class Client:
         self.endpoints = endpoints
         self.ctx = ctx or zmq.Context.instance()
         self.client_id = client_id or f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        routing_id = check_client_id(self.client_id)
         self.ping_s = ping_s
         self.jobs: dict[str, JobState] = {}
         self.epoch = ""
@@ -209,6 +218,9 @@ class Client:
         curve = endpoints.curve_dir if endpoints.secure else None
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
+        # The client id is the route: a reconnect (a broken connection, a restarted broker) keeps it, so a DONE
+        # sent before the client's next PING still reaches it (the front ROUTER has ROUTER_HANDOVER).
+        self.dealer.setsockopt(zmq.ROUTING_ID, routing_id)
         prepare_client(self.dealer, curve)
         self.dealer.connect(endpoints.front)
         self.sub = self.ctx.socket(zmq.SUB)

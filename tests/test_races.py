@@ -8,6 +8,7 @@ is lost. tests/race_worker.py is the real worker with the knobs that put its mes
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import threading
@@ -229,6 +230,30 @@ def test_size_eviction_takes_finished_runs_before_a_running_one(bare_stack: Stac
         slow.close()
     done = completed(events, "gated-long")
     assert done.replayed >= 1 and done.samples == tone_samples(long_text)
+
+
+# --- 3. a client's route survives its reconnect ---------------------------------------------------------------------
+
+
+def test_a_client_reconnect_between_chunks_and_done_still_completes(bare_stack: Stack) -> None:
+    s = bare_stack
+    s.start_broker()
+    s.start_worker("tone", name="t", options={"delay_ms": 50})  # 20 chunks, 50 ms apart
+    proxy = UnixProxy(s.runtime_dir / "front-relay.sock", s.runtime_dir / "front.sock")
+    eps = dataclasses.replace(s.endpoints, front=f"ipc://{proxy.path}")
+    text = "r" * 100
+    try:
+        with Client(eps, ping_s=120) as client:  # no PING to tell the broker its new route before the DONE
+            client.connect()
+            client.submit(JobSpec(text, job="reconnected"))
+            run_until(client, lambda ev: any(isinstance(e, Audio) for e in ev))
+            proxy.cut()
+            wait_for(lambda: proxy.accepted >= 2, 10, "the client's DEALER to reconnect")
+            events = run_until(client, ended("reconnected"), 30)
+    finally:
+        proxy.close()
+    done = completed(events, "reconnected")
+    assert done.samples == tone_samples(text)
 
 
 # --- 5. each socket closed by the thread that uses it ---------------------------------------------------------------
