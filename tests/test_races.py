@@ -256,6 +256,36 @@ def test_a_client_reconnect_between_chunks_and_done_still_completes(bare_stack: 
     assert done.samples == tone_samples(text)
 
 
+# --- 4. never block on a send -------------------------------------------------------------------------------------
+
+
+def test_a_broker_outage_longer_than_the_send_queue_does_not_block_the_client(stack: Stack) -> None:
+    s = stack
+    s.start_worker("tone", name="t")
+    jobs = [f"outage-{i}" for i in range(40)]
+    with Client(s.endpoints, sndhwm=8) as client:  # libzmq queues 8 messages for an absent broker, then blocks
+        client.connect()
+        s.kill(s.broker)
+        returned = threading.Event()
+
+        def submit_all() -> None:
+            for job in jobs:
+                client.submit(JobSpec(f"said during the outage, {job}", job=job))
+            for _ in range(20):
+                client.poll(0.01)
+            returned.set()
+
+        thread = threading.Thread(target=submit_all, daemon=True)
+        thread.start()
+        blocked = not returned.wait(20)
+        s.start_broker()
+        thread.join(60)
+        assert not blocked, "submit() blocked while the broker was away"
+        events = run_until(client, ended(*jobs), 120)
+    for job in jobs:
+        assert completed(events, job).samples == tone_samples(f"said during the outage, {job}")
+
+
 # --- 5. each socket closed by the thread that uses it ---------------------------------------------------------------
 
 

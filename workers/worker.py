@@ -39,7 +39,7 @@ from cosy.endpoints import Endpoints
 from cosy.security import prepare_client
 from cosy.workers.engines import Engine, EngineError, SynthesisRequest
 from cosy.workers.engines.base import CollectingSink, as_engine
-from cosy.zmqio import send_frames
+from cosy.zmqio import send_frames, try_send
 
 log = logging.getLogger("cosy.worker")
 
@@ -216,19 +216,19 @@ class Worker:
                 now = time.monotonic()
                 watchdog.tick()
                 if audio_ready and not registered:
-                    dealer.send_multipart(self._ready_msg().to_frames())
+                    self._tell(dealer, self._ready_msg().to_frames())
                     registered = True
                     broker_seen = now
                     acknowledged = False
                 if registered and now >= next_hb:
                     hb = P.Heartbeat(runs=list(self.runs), metrics={**self.stats.as_metrics(),
                                                                     **self.engine.metrics()})
-                    dealer.send_multipart(hb.to_frames())
+                    self._tell(dealer, hb.to_frames())
                     next_hb = now + self.heartbeat_s
                 if registered and now >= next_voices:
                     next_voices = now + VOICE_REFRESH_S
                     if self._voices_changed():
-                        dealer.send_multipart(dataclasses.replace(self._ready_msg(), update=True).to_frames())
+                        self._tell(dealer, dataclasses.replace(self._ready_msg(), update=True).to_frames())
                 if self.stall_s and self._fail_stalled(now, dealer):
                     break
                 if registered and now - broker_seen > self.heartbeat_s * self.liveness:
@@ -273,7 +273,7 @@ class Worker:
             # Clean stop: tell the broker, so it requeues what we still run at once.
             self._cancel_all()
             if registered:
-                dealer.send_multipart(P.Disconnect().to_frames())
+                self._tell(dealer, P.Disconnect().to_frames())
                 time.sleep(0.05)  # let libzmq hand DISCONNECT to the socket before it closes
         finally:
             sdnotify.notify("STOPPING=1")
@@ -283,6 +283,13 @@ class Worker:
                 self._wake = None
                 os.close(wake_r)
                 os.close(wake_w)
+
+    def _tell(self, dealer: zmq.Socket, frames: list[bytes]) -> None:
+        """A message to the broker, never blocking: when the DEALER's queue is full the broker has not read for a
+        long while, and the liveness window (or its RECONNECT) will have the worker register afresh; what is
+        dropped meanwhile belongs to the registration that ends then (its runs are requeued)."""
+        if not try_send(dealer, frames):
+            log.warning("the broker is not reading: dropped a %s", frames[1].decode(errors="replace"))
 
     def _fail_stalled(self, now: float, dealer: zmq.Socket) -> bool:
         """Fail every run whose engine made no progress for stall_s (retryable elsewhere); True if any did."""
@@ -294,7 +301,7 @@ class Worker:
             self._cancel(run)
             del self.runs[job.run]
             self.stats.failed += 1
-            dealer.send_multipart(P.JobFailed(job.job, P.ENGINE_STALLED, f"the engine on {self.name} made no "
+            self._tell(dealer, P.JobFailed(job.job, P.ENGINE_STALLED, f"the engine on {self.name} made no "
                                               f"progress for {self.stall_s:g} s", job.run, job.attempt,
                                               retryable=True).to_frames())
         if stuck:
@@ -376,7 +383,7 @@ class Worker:
                     self.stats.rtf_sum += msg.rtf
                 else:
                     self.stats.failed += 1
-                dealer.send_multipart(body)
+                self._tell(dealer, body)
             elif kind == b"X":
                 self.runs.pop(body[0].decode(), None)
 
