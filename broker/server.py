@@ -439,8 +439,8 @@ class Broker:
     def _on_replay(self, route: bytes, msg: P.Replay) -> None:
         buf = self.replay.get(msg.run)
         if buf is None or buf.job != msg.job:
-            self._send(self.front, route, P.Rejected(msg.job, P.REPLAY_GONE,
-                                                     "that run is no longer in the replay buffer").to_frames())
+            self._send(self.front, route, P.Rejected(msg.job, P.REPLAY_GONE, "that run is no longer in the replay "
+                                                     "buffer", run=msg.run).to_frames())
             return
         seqs = msg.seqs or sorted(buf.chunks)
         for seq in seqs[:4096]:

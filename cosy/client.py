@@ -204,6 +204,7 @@ class JobState:
     runs: dict[str, RunAssembly] = field(default_factory=dict)
     done: P.JobDone | None = None
     done_at: float = 0.0
+    replay_run: str = ""  # the run of the last REPLAY asked (what a REPLAY_GONE from an older broker is about)
 
 
 class Client:
@@ -359,8 +360,7 @@ class Client:
                 events.append(Accepted(msg.job, msg.queued))
         elif isinstance(msg, P.Rejected):
             if msg.code == P.REPLAY_GONE:
-                self._fail(state, "INCOMPLETE_AUDIO",
-                           "audio chunks were lost and the broker no longer holds them", events)
+                self._on_replay_gone(state, msg.run or state.replay_run, events)
             else:
                 self._fail(state, msg.code, msg.message, events, msg.voices)
         elif isinstance(msg, P.Started):
@@ -378,6 +378,16 @@ class Client:
             self._maybe_complete(state, events)
         elif isinstance(msg, P.JobFailed):
             self._fail(state, msg.code, msg.message, events)
+
+    def _on_replay_gone(self, state: JobState, run: str, events: list[Event]) -> None:
+        """The broker no longer holds RUN's chunks. That is final only for the run its DONE named; any other run was
+        abandoned (its worker died: a new attempt follows) or is still going (its DONE decides)."""
+        if state.done is not None and state.done.run == run:
+            self._fail(state, "INCOMPLETE_AUDIO", "audio chunks were lost and the broker no longer holds them", events)
+            return
+        asm = state.runs.get(run)
+        if asm is not None:
+            asm.replay_tries = REPLAY_TRIES  # nothing more to ask; should its DONE come with the hole, the job fails
 
     def _check_epoch(self, epoch: str, events: list[Event]) -> None:
         if self.epoch and epoch != self.epoch:
@@ -470,9 +480,12 @@ class Client:
                 if now - asm.gap_since < GAP_WAIT_S or now - asm.replay_asked < 0.5:
                     continue
                 if asm.replay_tries >= REPLAY_TRIES:
+                    if state.done is None:
+                        continue  # a run still going, or abandoned for a new attempt: its DONE (or theirs) decides
                     self._fail(state, "INCOMPLETE_AUDIO",
                                f"chunks {missing[:8]} of attempt {asm.attempt} never arrived", events)
                     break
                 asm.replay_asked = now
+                state.replay_run = asm.run
                 if self._send(P.Replay(state.spec.job, asm.run, missing[:4096]).to_frames(), keep=False):
                     asm.replay_tries += 1

@@ -317,6 +317,28 @@ def test_cancel_then_a_new_job_on_the_same_slot_and_a_stop_mid_job_leave_no_erro
 # --- 6. smaller ones ----------------------------------------------------------------------------------------------
 
 
+def test_a_replay_gone_for_an_abandoned_run_does_not_fail_the_job(bare_stack: Stack) -> None:
+    """Attempt 1 has a hole when its worker dies; the broker drops that run's chunks and requeues the job. Its
+    REPLAY_GONE concerns a run that will never be the job's: the job must go on to attempt 2, not fail."""
+    s = bare_stack
+    s.start_broker()
+    crashy = s.start_worker("tone", name="crashy", options={"crash_on": "CRASH", "crash_after": 5, "delay_ms": 20})
+    text = "CRASH " + "x" * 60
+    client = Client(s.endpoints, drop_chunk=lambda h: h.attempt == 1 and h.seq == 1)
+    try:
+        client.connect()
+        client.submit(JobSpec(text, job="abandoned"))
+        assert crashy.wait(30) == 137
+        wait_for(lambda: (lambda st: st["counters"]["retried"] == 1 and st["replay_buffer_bytes"] == 0)(
+            status(s.endpoints)), 30, "the broker to requeue the job and drop attempt 1's chunks")
+        s.start_worker("tone", name="fine", wait=False)  # the client reads attempt 1's hole before it registers
+        events = run_until(client, ended("abandoned"), 60)
+    finally:
+        client.close()
+    done = completed(events, "abandoned")
+    assert done.done.attempt == 2 and done.done.worker == "fine" and done.samples == tone_samples(text)
+
+
 def test_the_stack_leaves_no_log_file_open() -> None:
     import gc
     import warnings
