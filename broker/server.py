@@ -548,10 +548,14 @@ class Broker:
         self.replay.expire(now, self.sched.runs)
 
     def _dispatch(self) -> None:
+        unreachable: set[bytes] = set()
         for entry, worker in self.sched.dispatch(self.subscribed):
+            if worker.identity in unreachable:
+                continue  # requeued with the worker's other runs when the first send to it failed: no ghost JOB
             job = P.Job(entry.job, entry.run, entry.attempt, entry.text, entry.voice, entry.speed, entry.instruct,
                         entry.prompt_audio, entry.prompt_text)
             if not self._send(self.back, worker.identity, job.to_frames()):
+                unreachable.add(worker.identity)
                 self._requeue(self.sched.drop_worker(worker.identity), "worker unreachable")
                 continue
             self._to_client(entry.client, P.Started(entry.job, entry.run, entry.attempt, worker.info.worker))

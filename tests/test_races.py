@@ -317,6 +317,44 @@ def test_cancel_then_a_new_job_on_the_same_slot_and_a_stop_mid_job_leave_no_erro
 # --- 6. smaller ones ----------------------------------------------------------------------------------------------
 
 
+def test_a_worker_unreachable_at_dispatch_gets_one_job_sent_and_the_batch_goes_elsewhere(bare_stack: Stack) -> None:
+    """A worker that registered and vanished before its first JOB (READY and the connection's end arrive together):
+    the first send fails and requeues all of the batch placed on it; the rest of that batch must not be sent."""
+    s = bare_stack
+    s.start_broker("--log-level", "DEBUG")  # each failed send is a DEBUG line
+    jobs = [f"ghost-{i}" for i in range(3)]
+    with Client(s.endpoints) as client:
+        client.connect()
+        for job in jobs:
+            client.submit(JobSpec(f"placed on a ghost, {job}", job=job))
+        wait_for(lambda: status(s.endpoints)["queue"]["interactive"] == 3, 20, "the jobs to queue")
+        ctx = zmq.Context()
+        ghost = ctx.socket(zmq.DEALER)
+        ghost.setsockopt(zmq.LINGER, 5000)
+        ghost.setsockopt(zmq.ROUTING_ID, b"ghost-worker")
+        ghost.connect(s.endpoints.back)
+        ghost.send_multipart(P.Heartbeat().to_frames())
+        assert ghost.poll(10_000)  # RECONNECT: connected
+        assert isinstance(P.decode(ghost.recv_multipart(), P.BROKER_TO_WORKER), P.Reconnect)
+        s.broker.send_signal(signal.SIGSTOP)  # the broker reads READY and the connection's end in one go
+        try:
+            ghost.send_multipart(P.Ready(worker="ghost", engine="tone", model="sine", voices=["tone"],
+                                         default_voice="tone", sample_rate=TONE_RATE, device="cpu", capacity=4,
+                                         pid=1, host="nowhere").to_frames())
+            ghost.close()
+            ctx.term()  # READY has left
+        finally:
+            s.broker.send_signal(signal.SIGCONT)
+        s.start_worker("tone", name="t")
+        events = run_until(client, ended(*jobs))
+    for job in jobs:
+        done = completed(events, job)
+        assert done.done.worker == "t" and done.samples == tone_samples(f"placed on a ghost, {job}")
+    failed_sends = [line for line in (s.runtime_dir / "broker.log").read_text().splitlines()
+                    if "could not send to b'ghost-worker'" in line]
+    assert len(failed_sends) == 2, failed_sends  # READY's acknowledgement and the first JOB; no more JOBs
+
+
 def test_a_replay_gone_for_an_abandoned_run_does_not_fail_the_job(bare_stack: Stack) -> None:
     """Attempt 1 has a hole when its worker dies; the broker drops that run's chunks and requeues the job. Its
     REPLAY_GONE concerns a run that will never be the job's: the job must go on to attempt 2, not fail."""
