@@ -377,6 +377,46 @@ def test_a_replay_gone_for_an_abandoned_run_does_not_fail_the_job(bare_stack: St
     assert done.done.attempt == 2 and done.done.worker == "fine" and done.samples == tone_samples(text)
 
 
+def test_wyoming_finishes_the_synthesis_in_flight_on_sigterm_then_exits_0(bare_stack: Stack) -> None:
+    import asyncio
+
+    import pytest
+
+    pytest.importorskip("wyoming")
+    from test_http_gateway import GatewayProcess
+    from wyoming.audio import AudioChunk, AudioStop
+    from wyoming.client import AsyncTcpClient
+    from wyoming.tts import Synthesize
+
+    s = bare_stack
+    s.start_broker()
+    s.start_worker("tone", name="t", options={"delay_ms": 50})  # 2 s of audio in 1 s
+    gw = GatewayProcess(s, "wyoming", []).start()
+    text = "w" * 100
+
+    async def synthesize_and_stop_the_gateway() -> tuple[int, bool]:
+        client = AsyncTcpClient("127.0.0.1", gw.port)
+        await client.connect()
+        await client.write_event(Synthesize(text=text).event())
+        samples, stopped = 0, False
+        while (event := await asyncio.wait_for(client.read_event(), 30)) is not None:
+            if AudioChunk.is_type(event.type):
+                if samples == 0:
+                    gw.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                samples += len(AudioChunk.from_event(event).audio) // 2
+            elif AudioStop.is_type(event.type):
+                stopped = True
+                break
+        await client.disconnect()
+        return samples, stopped
+
+    samples, stopped = asyncio.run(synthesize_and_stop_the_gateway())
+    assert stopped and samples == tone_samples(text)
+    assert gw.proc.wait(20) == 0  # type: ignore[union-attr]
+    log = s.log_text()
+    assert "Traceback" not in log, log
+
+
 def test_the_stack_leaves_no_log_file_open() -> None:
     import gc
     import warnings
