@@ -483,6 +483,7 @@ class Broker:
                 return
             self.sched.remove(entry.job)
             worker.jobs_done += 1
+            worker.record_done(msg.ttfc_ms, msg.rtf)
             self.counters["done"] += 1
             self.replay.finish(msg.run, entry.job, now)
             ttfc_ms = (entry.first_chunk - entry.started) * 1000 if entry.first_chunk else msg.ttfc_ms
@@ -498,6 +499,7 @@ class Broker:
             if entry is None or entry.worker != identity:
                 return
             worker.jobs_failed += 1
+            worker.record_failed()
             if msg.retryable:
                 self._requeue([entry], msg.message)
             else:
@@ -575,7 +577,7 @@ class Broker:
                 "capacity": i.capacity, "running": len(w.running),
                 "state": "busy" if w.running else "idle",
                 "jobs_done": w.jobs_done, "jobs_failed": w.jobs_failed,
-                "last_seen_ms": round((now - w.last_seen) * 1000, 1), "metrics": w.metrics,
+                "last_seen_ms": round((now - w.last_seen) * 1000, 1), "metrics": w.shown_metrics(),
             })
         return {
             "broker": {"version": __version__, "pid": os.getpid(), "epoch": self.epoch,

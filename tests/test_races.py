@@ -432,3 +432,23 @@ def test_the_stack_leaves_no_log_file_open() -> None:
         s.stop()
     leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not leaks, leaks
+
+
+# --- 7. a worker's figures in `cosy status` -------------------------------------------------------------------------
+
+
+def test_a_workers_ttfc_and_rtf_are_known_at_done_and_none_before(bare_stack: Stack) -> None:
+    s = bare_stack
+    # Heartbeats 10 s apart: what the status shows right after the DONE cannot have come from a heartbeat.
+    s.start_broker("--heartbeat-ms", "10000")
+    s.start_worker("tone", name="t", extra=("--heartbeat-ms", "10000"))
+    (before,) = status(s.endpoints)["workers"]
+    assert before["metrics"]["mean_ttfc_ms"] is None and before["metrics"]["mean_rtf"] is None
+    with Client(s.endpoints) as client:
+        client.connect()
+        client.submit(JobSpec("figures", job="figures"))
+        done = completed(run_until(client, ended("figures")), "figures").done
+    (after,) = status(s.endpoints)["workers"]
+    assert after["jobs_done"] == 1 and after["metrics"]["jobs_done"] == 1
+    assert after["metrics"]["mean_ttfc_ms"] == round(done.ttfc_ms, 2)
+    assert after["metrics"]["mean_rtf"] == round(done.rtf, 4)

@@ -64,10 +64,11 @@ class Stats:
     ttfc_ms_sum: float = 0.0
     rtf_sum: float = 0.0
 
-    def as_metrics(self) -> dict[str, float]:
-        n = max(self.done, 1)
-        return {"jobs_done": self.done, "jobs_failed": self.failed,
-                "mean_ttfc_ms": round(self.ttfc_ms_sum / n, 2), "mean_rtf": round(self.rtf_sum / n, 4)}
+    def as_metrics(self) -> dict[str, float | None]:
+        n = self.done
+        return {"jobs_done": n, "jobs_failed": self.failed,  # the means are None (not 0) before the first job
+                "mean_ttfc_ms": round(self.ttfc_ms_sum / n, 2) if n else None,
+                "mean_rtf": round(self.rtf_sum / n, 4) if n else None}
 
 
 class Worker:
