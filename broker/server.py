@@ -500,7 +500,12 @@ class Broker:
                 return
             worker.jobs_failed += 1
             worker.record_failed()
-            if msg.retryable:
+            if msg.code == P.ENGINE_STALLED:
+                # The worker exits next to be restarted (PROTOCOL.md): not one of its runs can finish there, and a
+                # retry must not go back to it in the moment before its DISCONNECT arrives.
+                log.warning("worker %s has a stuck engine: its jobs are requeued", worker.info.worker)
+                self._requeue(self.sched.drop_worker(identity), msg.message)
+            elif msg.retryable:
                 self._requeue([entry], msg.message)
             else:
                 self.sched.remove(entry.job)
