@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the cosy image here, from the local Debian base (scripts/container-base.sh), and print its name.
-# The tag is a hash of everything the image is made of: the Containerfile and every file it copies. An image
+# The tag is a hash of everything the image is made of: the base image, the Containerfile and every file it copies. An image
 # with that tag is used as it is; otherwise podman builds, reusing every layer whose inputs did not change (the
 # Debian packages and the dependencies are keyed on the Containerfile and pyproject.toml, so a change to cosy's
 # code rebuilds only the last layers). Older cosy:cpu-* tags are removed after a build.
@@ -15,7 +15,8 @@ BASE=${COSY_BASE_IMAGE:-localhost/debian-base:bookworm}
 COSY_BASE_IMAGE="$BASE" "$ROOT/scripts/container-base.sh"
 # The files the Containerfile copies from the context (COPY lines without --from), less what .containerignore drops.
 mapfile -t sources < <(awk '$1 == "COPY" && $2 !~ /^--from/ { for (i = 2; i < NF; i++) print $i }' Containerfile)
-hash=$({ sha256sum Containerfile .containerignore
+hash=$({ "$podman" image inspect --format '{{.Id}}' "$BASE"
+         sha256sum Containerfile .containerignore
          find "${sources[@]}" -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -not -path 'bench/results/*' \
              -print0 | sort -z | xargs -0 sha256sum; } | sha256sum | cut -c1-16)
 tag="localhost/cosy:cpu-$hash"
