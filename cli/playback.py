@@ -34,6 +34,14 @@ def check_output_device() -> str:
     return str(dev["name"])
 
 
+# PortAudio's output latency. Its "low" (about 10 ms through ALSA's PulseAudio plugin) underruns in ALSA
+# whenever the callback thread waits more than that for a core, and ALSA's recovery drops what was buffered:
+# on a 2-core machine with the load average at 10 (cosy's own workers rendering, say), `cosy say` lost
+# audio 3 times in 3; with 100 ms, 0 in 3 (tests/test_playback.py). The first chunk still sounds at once
+# (the stream starts with it); only the margin against a late callback grows.
+OUTPUT_LATENCY_S = 0.1
+
+
 class LivePlayer:
     """Plays s16le mono chunks (bytes, or any buffer of int16 such as a numpy array) as they are fed.
 
@@ -51,12 +59,15 @@ class LivePlayer:
         self._lock = threading.Lock()
         self._finished = False
         self._drained = threading.Event()
+        self._end_dac: float | None = None  # when the last sample reaches the DAC, on the stream's clock
+        self._sleep_on_drain = False
         self._started = self.prebuffer == 0
         self.underruns = 0
         self.played = 0  # samples
         try:
             self._stream = sd.RawOutputStream(samplerate=sample_rate, channels=1, dtype="int16",
-                                              device=device, callback=self._callback, latency="low")
+                                              device=device, callback=self._callback,
+                                              latency=OUTPUT_LATENCY_S)
             self._stream.start()
         except Exception as exc:
             raise NoAudioDevice(f"cannot open the audio output: {str(exc).splitlines()[0]}") from None
@@ -83,7 +94,7 @@ class LivePlayer:
             self._finished = True
             self._started = True
 
-    def _callback(self, outdata: Any, frames: int, _time: Any, _status: Any) -> None:
+    def _callback(self, outdata: Any, frames: int, time_info: Any, _status: Any) -> None:
         out = memoryview(outdata).cast("B")
         need = frames * 2
         filled = 0
@@ -104,11 +115,25 @@ class LivePlayer:
             self.played += filled // 2
         if filled < need:
             out[filled:need] = bytes(need - filled)
-        if finished:
-            self._drained.set()
+        if finished and not self._drained.is_set():
+            # Handed to PortAudio is not played: the buffer (OUTPUT_LATENCY_S) still holds the end. Drained
+            # once the stream's clock passes the time the last sample reaches the DAC.
+            dac = float(time_info.outputBufferDacTime)
+            if self._end_dac is None:
+                self._end_dac = dac + filled // 2 / self.sample_rate
+            if dac <= 0.0:  # this host API gives no timing: wait out the stream's latency instead
+                self._sleep_on_drain = True
+                self._drained.set()
+            elif float(time_info.currentTime) >= self._end_dac:
+                self._drained.set()
 
     def wait(self, timeout: float | None = None) -> bool:
+        """Wait until everything fed has been played (not just handed to the device)."""
         ok = self._drained.wait(timeout)
+        if ok and self._sleep_on_drain:
+            import time
+
+            time.sleep(float(self._stream.latency))
         return ok
 
     def close(self) -> None:
