@@ -270,7 +270,8 @@ class MergeFailed:
     index: int
     text: str
     code: str
-    message: str  # with the sentence's position: "sentence 3 of 9: ..."
+    message: str  # the broker's (or the merge's) reason
+    where: str  # the sentence's position: "sentence 3 of 9" (or "sentence 3" while input may still come)
     rejected: bool = False  # the broker refused it (a Rejected, e.g. UNKNOWN_VOICE), not a failed synthesis
     voices: list[str] = field(default_factory=list)
 
@@ -551,6 +552,6 @@ class OrderedMerge:
 
     def _fail(self, part: _Part, code: str, message: str, rejected: bool = False,
               voices: list[str] | None = None) -> None:
-        self.failed = MergeFailed(part.index, part.text, code, f"{self._position(part)}: {message}", rejected,
+        self.failed = MergeFailed(part.index, part.text, code, message, self._position(part), rejected,
                                   list(voices or []))
         self._out.append(self.failed)

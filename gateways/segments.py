@@ -106,7 +106,7 @@ async def _run(seg: SegmentedJob, spec: JobSpec, submit: Callable[[JobSpec], Job
                         if handle is not None:
                             handle.cancel()
                     out.put_nowait(Rejected(seg.job, item.code, item.message, item.voices) if item.rejected
-                                   else Failed(seg.job, item.code, item.message))
+                                   else Failed(seg.job, item.code, f"{item.where}: {item.message}"))
                     return
             due = merge.next_due()
             timeout = None if due is None else max(0.0, due - time.monotonic())

@@ -38,7 +38,7 @@ def test_bad_say_input_gets_one_line_each(served: Stack, tmp_path: Path) -> None
         (("say", "hi", "--voice", "gamma", "--no-play", "--out", out), b"", "alpha, beta"),
         (("say", "-f", str(tmp_path / "missing.txt"), "--no-play", "--out", out), b"", "cannot read"),
         (("say", "hi", "--no-play", "--out", str(tmp_path / "no" / "dir" / "o.wav")), b"", "does not exist"),
-        (("say", "hi", "--no-play", "--out", str(tmp_path / "o.mp4")), b"", "use one of"),
+        (("say", "hi", "--no-play", "--out", str(tmp_path / "o.mp4")), b"", "must be one of"),
         (("say", "-", "--no-play", "--out", out), b"caf\xe9 \xff", "not valid UTF-8"),
         (("say", "hi", "--speed", "9", "--no-play", "--out", out), b"", "outside 0.25-4.0"),
         (("say", "-f", str(big), "--no-play", "--out", out), b"", "at most 20000"),

@@ -195,7 +195,8 @@ def test_a_part_that_keeps_failing_fails_the_merge_with_its_position() -> None:
     out = merge.take()
     failed = out[-1]
     assert isinstance(failed, MergeFailed) and failed.index == 1 and failed.text == "broken one"
-    assert failed.message == "sentence 2 of 3: the engine broke" and failed.code == P.ENGINE_ERROR
+    assert failed.where == "sentence 2 of 3" and failed.message == "the engine broke"
+    assert failed.code == P.ENGINE_ERROR
     assert merge.abandon() == [s0.job]  # what the driver must cancel
     assert merge.finished and not merge.complete and merge.submissions(99.0) == []
 
@@ -218,7 +219,7 @@ def test_busy_backs_off_without_counting_and_a_rejection_is_final() -> None:
     (s,) = merge.submissions(0.0)
     merge.feed(Rejected(s.job, P.UNKNOWN_VOICE, "unknown voice", ["a", "b"]), 0.0)
     (f,) = merge.take()
-    assert isinstance(f, MergeFailed) and f.rejected and f.voices == ["a", "b"] and f.message.startswith("sentence 1:")
+    assert isinstance(f, MergeFailed) and f.rejected and f.voices == ["a", "b"] and f.where == "sentence 1"
 
 
 def test_an_attempt_past_its_deadline_is_cancelled_and_retried() -> None:
