@@ -39,6 +39,7 @@ from cosy.endpoints import Endpoints
 RETRIES = 2  # resubmissions of a failed sentence (cosy batch's --retries default)
 FLUSH_AFTER_S = 1.5
 READ_CHUNK = 1 << 16
+FIRST_READ = 1 << 12
 READ_AHEAD_CHUNKS = 16  # what the reader thread may hold before the loop takes it (~1 MB)
 BACKLOG = 16  # sentences split ahead of submission
 MAX_WINDOW = 32
@@ -70,9 +71,11 @@ class TextInput:
             threading.Thread(target=self._read, args=(fd,), name="cosy-say-input", daemon=True).start()
 
     def _read(self, fd: int) -> None:
+        size = FIRST_READ  # small first: the first sentence is submitted before the rest is split
         try:
             while True:
-                data = os.read(fd, READ_CHUNK)
+                data = os.read(fd, size)
+                size = READ_CHUNK
                 self._chunks.put(data)
                 if not data:
                     return
