@@ -152,7 +152,8 @@ def serve(model_dir: str, scheduler: str, capacity: int) -> None:
 
         fits = [r["streams"] for r in rows if r["rtf"] is not None and r["rtf"] <= TARGET_RTF and not r["failed"]]
         path = save_capacity(engine, max(fits) if fits else 1, {r["streams"]: r["rtf"] for r in rows}, "cosy bench gpu")
-        print(f"  capacity {max(fits) if fits else 1} stored in {path}", file=sys.stderr, flush=True)
+        where = f"stored in {path}" if path else "not stored (the cache folder cannot be written: see the warning)"
+        print(f"  capacity {max(fits) if fits else 1} {where}", file=sys.stderr, flush=True)
     engine.close()
 
 

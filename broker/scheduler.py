@@ -58,6 +58,26 @@ class WorkerEntry:
     def free(self) -> int:
         return self.info.capacity - len(self.running)
 
+    def record_done(self, ttfc_ms: float, rtf: float) -> None:
+        """A DONE from this worker: its figures (the worker's own, over its lifetime, as its heartbeats carry them)
+        take the job in at once instead of at the next heartbeat, which then replaces them with the same."""
+        m = self.metrics
+        n = int(m.get("jobs_done") or 0)
+        for key, value, digits in (("mean_ttfc_ms", ttfc_ms, 2), ("mean_rtf", rtf, 4)):
+            mean = m.get(key) if n else None
+            m[key] = round(value if mean is None else (mean * n + value) / (n + 1), digits)
+        m["jobs_done"] = n + 1
+
+    def record_failed(self) -> None:
+        self.metrics["jobs_failed"] = int(self.metrics.get("jobs_failed") or 0) + 1
+
+    def shown_metrics(self) -> dict:
+        """The metrics for `cosy status`: a figure not known yet (no job done) is None, never 0."""
+        m = {"mean_ttfc_ms": None, "mean_rtf": None, **self.metrics}
+        if not m.get("jobs_done"):
+            m["mean_ttfc_ms"] = m["mean_rtf"] = None
+        return m
+
     def serves(self, voice: str | None, clone: bool = False) -> bool:
         if clone:
             return self.info.clone

@@ -18,8 +18,8 @@ import signal
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import zmq
 
 from cosy import __version__, sdnotify
 from cosy import protocol as P
+from cosy.broker.replay import ReplayStore
 from cosy.broker.scheduler import JobEntry, Scheduler, WorkerEntry
 from cosy.endpoints import Endpoints, ensure_runtime_dir
 from cosy.zmqio import recv_frames, send_frames
@@ -52,14 +53,6 @@ class BrokerConfig:
     audio_hwm: int = 100_000  # chunks queued per subscriber before PUB/SUB drops (then replay repairs)
 
 
-@dataclass
-class ReplayBuffer:
-    job: str
-    chunks: dict[int, tuple[Any, Any]] = field(default_factory=dict)
-    nbytes: int = 0
-    finished: float = 0.0
-
-
 class BrokerAlreadyRunning(RuntimeError):
     pass
 
@@ -75,8 +68,7 @@ class Broker:
         self.sched = Scheduler(self.config.max_queue, self.config.max_attempts, self.config.subscribe_wait_s)
         self.subscribed: set[bytes] = set()
         self.clients: dict[str, tuple[bytes, float]] = {}  # client id -> (route, last seen)
-        self.replay: OrderedDict[str, ReplayBuffer] = OrderedDict()  # run -> buffer
-        self.replay_total = 0
+        self.replay = ReplayStore(self.config.replay_bytes, self.config.replay_ttl_s)
         self.outbox: dict[bytes, deque[list[Any]]] = {}
         self._front_pending: list[tuple[bytes, list[Any]]] = []  # this turn's messages to clients (_send)
         self.counters = {"accepted": 0, "rejected": 0, "done": 0, "failed": 0, "retried": 0,
@@ -118,7 +110,9 @@ class Broker:
             self._auth = security.start_authenticator(self.ctx, self._keys)
         old = os.umask(0o117 if self.config.group_shared else 0o177)
         try:
-            self.front = self._socket(zmq.ROUTER, self.endpoints.front, P.MAX_FRONT_MSG, {zmq.ROUTER_MANDATORY: 1})
+            # Clients connect with their client id as routing id; HANDOVER gives a reconnecting client its route back.
+            self.front = self._socket(zmq.ROUTER, self.endpoints.front, P.MAX_FRONT_MSG,
+                                      {zmq.ROUTER_MANDATORY: 1, zmq.ROUTER_HANDOVER: 1})
             self.back = self._socket(zmq.ROUTER, self.endpoints.back, P.MAX_BACK_MSG, {zmq.ROUTER_MANDATORY: 1})
             self.audio_in = self._socket(zmq.XSUB, self.endpoints.audio_in, P.MAX_AUDIO_MSG, {zmq.RCVHWM: 100_000})
             self.audio_in.send(b"\x01")  # subscribe to everything: the broker buffers all audio
@@ -259,8 +253,20 @@ class Broker:
             log.debug("worker %r is not reading; message dropped", route)
             return False
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
+            if sock is self.front and self._reconnects(route):
+                return self._queue_out(route, frames)  # it comes back under the same route: keep it for then
             log.debug("could not send to %r: %s", route, exc)
             return False
+
+    def _reconnects(self, route: bytes) -> bool:
+        """A client whose route is its client id (PROTOCOL.md, "Routing"), not yet timed out: while it is away, its
+        messages wait in its outbox, and its reconnection (ROUTER_HANDOVER) gets them."""
+        try:
+            client = route.decode()
+        except UnicodeDecodeError:
+            return False
+        known = self.clients.get(client)
+        return known is not None and known[0] == route
 
     def _queue_out(self, route: bytes, frames: list[Any]) -> bool:
         box = self.outbox.setdefault(route, deque())
@@ -280,6 +286,8 @@ class Broker:
             except zmq.Again:
                 continue
             except zmq.ZMQError:
+                if self._reconnects(route):
+                    continue  # between two connections: kept until it is back or times out
                 box.clear()  # the client is gone
             del self.outbox[route]
 
@@ -292,6 +300,7 @@ class Broker:
 
     def _forward_audio(self) -> None:
         runs, replay, counters = self.sched.runs, self.replay, self.counters
+        now = time.monotonic()
         audio_in, audio_out = self.audio_in, self.audio_out
         for _ in range(1000):
             try:
@@ -310,48 +319,22 @@ class Broker:
             if entry is not None:
                 job = entry.job
                 if not entry.first_chunk:
-                    entry.first_chunk = time.monotonic()
+                    entry.first_chunk = now
             else:
-                # The worker's DONE (on the back socket) can overtake the run's last chunks (on
-                # audio-in): a run that just finished still has its replay buffer, so keep forwarding.
-                buf = replay.get(header.run)
-                if buf is None or not buf.finished:
+                # The worker's DONE (on the back socket) can overtake the run's last chunks (on audio-in): a run
+                # that finished a moment ago still gets them forwarded, whether or not its chunks are buffered.
+                late = replay.late_job(header.run)
+                if late is None:
                     continue  # a cancelled or unknown run: nobody wants it
-                job = buf.job
+                job = late
             if header.job != job or frames[0].bytes != P.topic(job):
                 counters["malformed"] += 1
                 continue
-            self._buffer(header, frames[1], frames[2])
+            replay.add(header, frames[1], frames[2], now)
             try:
                 send_frames(audio_out, frames)
             except zmq.Again:
                 pass  # the replay buffer covers it
-
-    def _buffer(self, header: P.ChunkHeader, hframe: Any, pframe: Any) -> None:
-        buf = self.replay.get(header.run)
-        if buf is None:
-            buf = self.replay[header.run] = ReplayBuffer(header.job)
-        n = len(pframe) + len(hframe)
-        buf.chunks[header.seq] = (hframe, pframe)
-        buf.nbytes += n
-        self.replay_total += n
-        while self.replay_total > self.config.replay_bytes and self.replay:
-            self._evict_oldest()
-
-    def _drop_replay(self, run: str) -> None:
-        buf = self.replay.pop(run, None)
-        if buf is not None:
-            self.replay_total -= buf.nbytes
-
-    def _evict_oldest(self) -> None:
-        _, old = self.replay.popitem(last=False)
-        self.replay_total -= old.nbytes
-
-    def _finish_replay(self, run: str, job: str) -> None:
-        buf = self.replay.get(run)
-        if buf is None:  # DONE before any chunk got here: make room for the late ones
-            buf = self.replay[run] = ReplayBuffer(job)
-        buf.finished = time.monotonic()
 
     def _read_subscriptions(self) -> None:
         for _ in range(1000):
@@ -447,7 +430,7 @@ class Broker:
 
     def _cancel(self, entry: JobEntry, code: str, message: str) -> None:
         self.sched.remove(entry.job)
-        self._drop_replay(entry.run)
+        self.replay.drop(entry.run)
         self._count("cancelled")
         if entry.running:
             self._send(self.back, entry.worker, P.CancelRun(entry.job, entry.run).to_frames())  # type: ignore[arg-type]
@@ -456,8 +439,8 @@ class Broker:
     def _on_replay(self, route: bytes, msg: P.Replay) -> None:
         buf = self.replay.get(msg.run)
         if buf is None or buf.job != msg.job:
-            self._send(self.front, route, P.Rejected(msg.job, P.REPLAY_GONE,
-                                                     "that run is no longer in the replay buffer").to_frames())
+            self._send(self.front, route, P.Rejected(msg.job, P.REPLAY_GONE, "that run is no longer in the replay "
+                                                     "buffer", run=msg.run).to_frames())
             return
         seqs = msg.seqs or sorted(buf.chunks)
         for seq in seqs[:4096]:
@@ -500,8 +483,9 @@ class Broker:
                 return
             self.sched.remove(entry.job)
             worker.jobs_done += 1
+            worker.record_done(msg.ttfc_ms, msg.rtf)
             self.counters["done"] += 1
-            self._finish_replay(msg.run, entry.job)
+            self.replay.finish(msg.run, entry.job, now)
             ttfc_ms = (entry.first_chunk - entry.started) * 1000 if entry.first_chunk else msg.ttfc_ms
             self.ttfc_ms.append(ttfc_ms)
             del self.ttfc_ms[:-1000]
@@ -515,10 +499,17 @@ class Broker:
             if entry is None or entry.worker != identity:
                 return
             worker.jobs_failed += 1
-            if msg.retryable:
+            worker.record_failed()
+            if msg.code == P.ENGINE_STALLED:
+                # The worker exits next to be restarted (PROTOCOL.md): not one of its runs can finish there, and a
+                # retry must not go back to it in the moment before its DISCONNECT arrives.
+                log.warning("worker %s has a stuck engine: its jobs are requeued", worker.info.worker)
+                self._requeue(self.sched.drop_worker(identity), msg.message)
+            elif msg.retryable:
                 self._requeue([entry], msg.message)
             else:
                 self.sched.remove(entry.job)
+                self.replay.drop(entry.run)
                 self._count("failed")
                 self._to_client(entry.client, P.JobFailed(entry.job, msg.code, msg.message, entry.run,
                                                           entry.attempt))
@@ -529,6 +520,7 @@ class Broker:
     def _requeue(self, entries: list[JobEntry], reason: str) -> None:
         for entry in entries:
             run, attempt = entry.run, entry.attempt
+            self.replay.drop(run)  # that attempt is abandoned: no client keeps it
             if self.sched.retry_or_fail(entry):
                 self._count("retried")
                 log.info("job %s: attempt %d lost (%s); requeued", entry.job, attempt, reason)
@@ -552,26 +544,25 @@ class Broker:
                 log.info("job %s: client %s is gone; cancelled", entry.job, entry.client)
                 self._cancel(entry, P.CLIENT_GONE, "client stopped answering")
             for c in gone:
-                del self.clients[c]
+                route, _ = self.clients.pop(c)
+                self.outbox.pop(route, None)
         if self.metrics:
             q = self.sched.queued
             self.metrics.update_queue(q[P.INTERACTIVE], q[P.BULK], len(self.sched.workers))
             self.metrics.update_workers([{"name": w.info.worker, "capacity": w.info.capacity,
                                           "running": len(w.running), "metrics": w.metrics}
                                          for w in self.sched.workers.values()])
-        # Replay buffers expire: finished runs after the TTL, abandoned ones (retried) at once.
-        while self.replay:
-            run, buf = next(iter(self.replay.items()))
-            expired = now - buf.finished > self.config.replay_ttl_s if buf.finished else run not in self.sched.runs
-            if not expired:
-                break
-            self._evict_oldest()
+        self.replay.expire(now, self.sched.runs)
 
     def _dispatch(self) -> None:
+        unreachable: set[bytes] = set()
         for entry, worker in self.sched.dispatch(self.subscribed):
+            if worker.identity in unreachable:
+                continue  # requeued with the worker's other runs when the first send to it failed: no ghost JOB
             job = P.Job(entry.job, entry.run, entry.attempt, entry.text, entry.voice, entry.speed, entry.instruct,
                         entry.prompt_audio, entry.prompt_text)
             if not self._send(self.back, worker.identity, job.to_frames()):
+                unreachable.add(worker.identity)
                 self._requeue(self.sched.drop_worker(worker.identity), "worker unreachable")
                 continue
             self._to_client(entry.client, P.Started(entry.job, entry.run, entry.attempt, worker.info.worker))
@@ -591,7 +582,7 @@ class Broker:
                 "capacity": i.capacity, "running": len(w.running),
                 "state": "busy" if w.running else "idle",
                 "jobs_done": w.jobs_done, "jobs_failed": w.jobs_failed,
-                "last_seen_ms": round((now - w.last_seen) * 1000, 1), "metrics": w.metrics,
+                "last_seen_ms": round((now - w.last_seen) * 1000, 1), "metrics": w.shown_metrics(),
             })
         return {
             "broker": {"version": __version__, "pid": os.getpid(), "epoch": self.epoch,
@@ -602,7 +593,7 @@ class Broker:
             "voices": self.sched.voices(),
             "counters": dict(self.counters),
             "ttfc_ms_p50": ttfc[len(ttfc) // 2] if ttfc else None,
-            "replay_buffer_bytes": self.replay_total,
+            "replay_buffer_bytes": self.replay.total,
         }
 
 

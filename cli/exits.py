@@ -10,7 +10,7 @@ JOB_FAILED = 1
 USAGE = 2
 UNREACHABLE = 3
 BUSY = 4
-NO_SPACE = 5  # the disk (or quota) is full: what was written is whole; free space and run it again
+NO_SPACE = 5  # the disk (or quota) is full, or read-only: what was written is whole; free space and run it again
 INTERRUPTED = 130
 
 

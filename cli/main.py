@@ -210,7 +210,8 @@ def batch(
     source: str = typer.Argument(..., help="Input file, one job per line ('-' for standard input). Lines may be "
                                  "'name<TAB>text' or JSON objects with text, name, voice, speed."),
     outdir: Path = typer.Option(..., "--outdir", "-d", help="Folder for the audio files and the manifest."),
-    fmt: str = typer.Option("wav", "--format", help="wav, flac or ogg."),
+    fmt: str = typer.Option("wav", "--format",
+                            help="wav, flac, ogg (Vorbis), opus, mp3 or aac (aac needs PyAV)."),
     voice: str | None = typer.Option(None, "--voice", "-v", envvar="COSY_VOICE", help="Default voice."),
     speed: float = typer.Option(1.0, "--speed", "-s", help="Default speaking rate, 0.25-4.0."),
     resume: bool = typer.Option(False, "--resume", help="Skip lines whose file is complete and unchanged."),
@@ -219,6 +220,9 @@ def batch(
     retries: int = typer.Option(2, "--retries", min=0, help="Retries of a failed line."),
     manifest: str = typer.Option("manifest.jsonl", "--manifest", help="Manifest file name inside --outdir."),
     line_timeout: float = typer.Option(600.0, "--line-timeout", help="Seconds before a line is retried."),
+    captions: str | None = typer.Option(None, "--captions",
+                                        help="srt or vtt: also write NAME.srt or NAME.vtt beside each file "
+                                             "(the manifest always has each line's captions)."),
     runtime_dir: Path | None = RuntimeDirOpt,
     connect: str | None = ConnectOpt,
 ) -> None:
@@ -227,13 +231,15 @@ def batch(
     Examples:\n
       cosy batch lines.txt --outdir wavs\n
       cosy batch lines.jsonl --outdir wavs --resume\n
-      cat lines.txt | cosy batch - --outdir wavs --format flac
+      cat lines.txt | cosy batch - --outdir wavs --format flac\n
+      cosy batch lines.txt --outdir mp3s --format mp3 --captions srt
     """
     from cosy.cli.batch import run_batch
 
     eps = _endpoints(runtime_dir, connect)
     raise typer.Exit(run_batch(eps, source=source, outdir=outdir, fmt=fmt, voice=voice, speed=speed, resume=resume,
-                               window=window, retries=retries, manifest_name=manifest, timeout=line_timeout))
+                               window=window, retries=retries, manifest_name=manifest, timeout=line_timeout,
+                               captions=captions))
 
 
 @app.command()

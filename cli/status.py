@@ -38,11 +38,53 @@ def fetch_status(eps: Endpoints, timeout_s: float = 3.0) -> dict[str, Any]:
         sock.close(linger=0)
 
 
-def render(st: dict[str, Any]) -> Any:
+UNKNOWN = "\u2013"  # en dash: a figure not known yet (no job finished), never a misleading 0
+
+# The worker table's columns, most important first: at a narrow width the last ones are dropped whole
+# (never a name cut to "pipe\u2026"). The essential ones always stay.
+ESSENTIAL = ("worker", "state", "jobs", "ttfc ms", "rtf")
+BY_IMPORTANCE = ("worker", "state", "jobs", "ttfc ms", "rtf", "engine", "gpu", "device", "model", "pid")
+ORDER = ("worker", "pid", "engine", "model", "device", "state", "jobs", "ttfc ms", "rtf", "gpu")
+
+
+def _figure(metrics: dict[str, Any], key: str, fmt: str) -> str:
+    value = metrics.get(key)
+    if value is None or not metrics.get("jobs_done"):
+        return UNKNOWN
+    return format(float(value), fmt)
+
+
+def worker_rows(st: dict[str, Any]) -> list[dict[str, str]]:
+    from cosy.gpu import describe
+
+    rows = []
+    for w in st["workers"]:
+        m = w.get("metrics", {})
+        rows.append({"worker": w["name"], "pid": str(w["pid"]), "engine": w["engine"], "model": w["model"],
+                     "device": w["device"],
+                     "state": f"{w['state']} {w['running']}/{w['capacity']}{_capacity_note(m)}",
+                     "jobs": str(w["jobs_done"]), "ttfc ms": _figure(m, "mean_ttfc_ms", ".0f"),
+                     "rtf": _figure(m, "mean_rtf", ".3f"), "gpu": describe(m)})
+    return rows
+
+
+def fit_columns(rows: list[dict[str, str]], width: int) -> list[str]:
+    """The columns that fit in ``width`` (a bordered table: 3 characters a column plus one), in table order."""
+    def need(col: str) -> int:
+        return max([len(col), *(len(r[col]) for r in rows)]) + 3
+
+    chosen: list[str] = []
+    used = 1
+    for col in BY_IMPORTANCE:
+        if col in ESSENTIAL or used + need(col) <= width:
+            chosen.append(col)
+            used += need(col)
+    return [c for c in ORDER if c in chosen]
+
+
+def render(st: dict[str, Any], width: int = 80) -> Any:
     from rich.console import Group
     from rich.table import Table
-
-    from cosy.gpu import describe
 
     b = st["broker"]
     head = Table.grid(padding=(0, 2))
@@ -54,15 +96,16 @@ def render(st: dict[str, Any]) -> Any:
     c = st["counters"]
     head.add_row("jobs", f"done {c['done']}", f"failed {c['failed']}", f"retried {c['retried']}",
                  f"rejected {c['rejected']}")
-    table = Table(title=f"{len(st['workers'])} worker(s)", expand=False)
-    for col in ("worker", "pid", "engine", "model", "device", "state", "jobs", "ttfc ms", "rtf", "gpu"):
-        table.add_column(col)
-    for w in st["workers"]:
-        m = w.get("metrics", {})
-        gpu = describe(m)
-        table.add_row(w["name"], str(w["pid"]), w["engine"], w["model"], w["device"],
-                      f"{w['state']} {w['running']}/{w['capacity']}{_capacity_note(m)}", str(w["jobs_done"]),
-                      f"{m.get('mean_ttfc_ms', 0):.0f}", f"{m.get('mean_rtf', 0):.3f}", gpu)
+    rows = worker_rows(st)
+    cols = fit_columns(rows, width)
+    hidden = [c for c in ORDER if c not in cols]
+    caption = f"not shown at this width: {', '.join(hidden)} (cosy status --json has all)" if hidden else None
+    table = Table(title=f"{len(st['workers'])} worker(s)", expand=False, caption=caption)
+    for col in cols:
+        table.add_column(col, no_wrap=col != "worker", overflow="fold",
+                         justify="right" if col in ("jobs", "ttfc ms", "rtf", "pid") else "left")
+    for row in rows:
+        table.add_row(*(row[c] for c in cols))
     return Group(head, table)
 
 
@@ -89,11 +132,17 @@ def run_status(eps: Endpoints, json_out: bool, watch: float | None) -> int:
 
     console = Console()
     if not watch:
-        console.print(render(fetch_status(eps)))
+        console.print(render(fetch_status(eps), console.width))
         return exits.OK
     from rich.live import Live
 
-    with Live(render(fetch_status(eps)), console=console, refresh_per_second=4) as live:
-        while True:
-            time.sleep(watch)
-            live.update(render(fetch_status(eps)))
+    # In place: one screen redrawn every `watch` seconds (the alternate screen keeps the scrollback clean),
+    # until Ctrl-C.
+    try:
+        with Live(render(fetch_status(eps), console.width), console=console, auto_refresh=False,
+                  screen=console.is_terminal) as live:
+            while True:
+                time.sleep(watch)
+                live.update(render(fetch_status(eps), console.width), refresh=True)
+    except KeyboardInterrupt:
+        return exits.OK

@@ -1,8 +1,11 @@
 """`cosy up`: a broker and N workers as separate processes, supervised in the foreground.
 
 A worker that crashes is restarted (with a back-off), as systemd would with
-Restart=on-failure; the broker meanwhile requeues its jobs. Ctrl-C or SIGTERM stops
-the workers first, then the broker.
+Restart=on-failure; the broker meanwhile requeues its jobs. A worker that exits with the
+configuration-error code (2: a missing extra, a bad option, no model) is not restarted: the
+same configuration would fail again. `cosy up` then stops the stack, prints the worker's message
+once (however many workers hit it) and exits 2. Ctrl-C or SIGTERM stops the workers first, then
+the broker.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +23,8 @@ from cosy.endpoints import Endpoints, ensure_runtime_dir
 from cosy.processes import stop_all
 
 STOP_TIMEOUT_S = 10.0
+EXIT_CONFIG = 2  # what `cosy worker` exits with when its engine cannot start with this configuration
+CONFIG_ERROR_PREFIX = b"cosy worker: cannot start"  # the worker's own line for it (workers/main.py)
 
 
 @dataclass
@@ -29,10 +35,37 @@ class Child:
     restarts: list[float] = field(default_factory=list)
     next_start: float = 0.0
     started_at: float = 0.0
+    relay: threading.Thread | None = None
+    config_error: str = ""  # the worker's "cannot start" line, held back from the relay and printed once
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv)
+    def start(self, relay_stderr: bool = False) -> None:
+        """Start the process; with ``relay_stderr`` its stderr comes through a thread that passes every line
+        on at once except the configuration-error line, which it keeps in ``config_error``."""
+        self.config_error = ""
+        self.proc = subprocess.Popen(self.argv, stderr=subprocess.PIPE if relay_stderr else None)
         self.started_at = time.monotonic()
+        if relay_stderr:
+            self.relay = threading.Thread(target=self._relay, args=(self.proc.stderr,), daemon=True,
+                                          name=f"relay-{self.name}")
+            self.relay.start()
+
+    def _relay(self, pipe: object) -> None:
+        out = sys.stderr.buffer
+        for line in iter(pipe.readline, b""):  # type: ignore[attr-defined]
+            if line.startswith(CONFIG_ERROR_PREFIX):
+                self.config_error = line.decode(errors="replace").strip()
+                continue
+            try:
+                out.write(line)
+                out.flush()
+            except (OSError, ValueError):  # our stderr is gone: keep draining so the worker never blocks
+                pass
+
+    def exit_message(self) -> str:
+        """After the process exited: its configuration-error line, once the relay has read everything."""
+        if self.relay is not None:
+            self.relay.join(timeout=5)
+        return self.config_error
 
     @property
     def alive(self) -> bool:
@@ -65,6 +98,16 @@ def _devices(engine: str, workers: int | None) -> list[str | None]:
             n = workers or gpus
             return [str(i % gpus) for i in range(n)]
     return [None] * (workers or 1)
+
+
+def _report_config_errors(failed: list[Child]) -> None:
+    """One line per distinct message: N workers with the same missing extra say it once."""
+    messages = dict.fromkeys(w.exit_message() or f"{w.name} exited with {EXIT_CONFIG} (a configuration error)"
+                             for w in failed)
+    for message in messages:
+        print(message, file=sys.stderr)
+    print("cosy up: a worker cannot start with this configuration, so it is not restarted; stopping the stack",
+          file=sys.stderr, flush=True)
 
 
 def _stop(children: list[Child]) -> None:
@@ -102,7 +145,7 @@ def run_up(eps: Endpoints, engine: str, workers: int | None, options: dict[str, 
         _stop([broker])
         exits.fail(f"the broker did not start (see its log above); runtime dir {eps.runtime_dir}", exits.USAGE)
     for w in pool:
-        w.start()
+        w.start(relay_stderr=True)
     print(f"cosy up: broker pid {broker.proc.pid}, {workers} {engine} worker(s) "  # type: ignore[union-attr]
           f"(pids {', '.join(str(w.proc.pid) for w in pool)}), runtime dir {eps.runtime_dir}",  # type: ignore[union-attr]
           file=sys.stderr, flush=True)
@@ -116,6 +159,11 @@ def run_up(eps: Endpoints, engine: str, workers: int | None, options: dict[str, 
                 code = exits.JOB_FAILED
                 break
             now = time.monotonic()
+            config_errors = [w for w in pool if not w.alive and w.proc.returncode == EXIT_CONFIG]  # type: ignore[union-attr]
+            if config_errors:
+                _report_config_errors(config_errors)
+                code = exits.USAGE
+                break
             for w in pool:
                 if w.alive or stopping:
                     continue
@@ -132,7 +180,7 @@ def run_up(eps: Endpoints, engine: str, workers: int | None, options: dict[str, 
                           file=sys.stderr)
                 if now >= w.next_start:
                     w.next_start = 0.0
-                    w.start()
+                    w.start(relay_stderr=True)
     finally:
         _stop(pool)
         _stop([broker])

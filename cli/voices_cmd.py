@@ -12,7 +12,7 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -129,7 +129,7 @@ def voices_main(
 
 
 def _set_default(name: str) -> None:
-    from cosy.config import ConfigError, set_value
+    from cosy.config import ConfigError, config_path, set_value
 
     rows = {r["name"] for r in voice_rows(None)}
     if name not in rows:
@@ -137,9 +137,21 @@ def _set_default(name: str) -> None:
               f"(registry: {', '.join(sorted(rows)) or 'empty'})", file=sys.stderr)
     try:
         path = set_value("voice", name)
-    except (ConfigError, OSError) as exc:
+    except OSError as exc:
+        _write_failed(exc, config_path(), "setting the default voice", "the config file is unchanged")
+    except ConfigError as exc:
         exits.fail(f"cannot set the default voice: {exc}", exits.USAGE)
     print(f"default voice: {name} (in {path})")
+
+
+def _write_failed(exc: OSError, where: Path, doing: str, outcome: str) -> NoReturn:
+    """A registry or config write under ``where`` that failed: exit 5 (NO_SPACE) for a full, over-quota or
+    read-only disk, else 2."""
+    from cosy import diskspace
+
+    if diskspace.is_no_space(exc):
+        exits.fail(f"{diskspace.describe(exc, where)} {doing}; {outcome}", exits.NO_SPACE)
+    exits.fail(f"{exc.strerror or exc} {doing} ({where}); {outcome}", exits.USAGE)
 
 
 @voices_app.command("list")
@@ -189,10 +201,13 @@ def add_cmd(
 ) -> None:
     """Validate a reference recording (readable, 3-30 s, downmixed, resampled to 24 kHz) and store it.
 
+    The voice is stored whole or not at all; on a full disk (or quota, or read-only folder) nothing is added and
+    the exit code is 5.
+
     Example:\n
       cosy voices add ana ana.wav --text "What Ana says in the recording." --language en
     """
-    from cosy.voices import VoiceError, add_voice, user_dir
+    from cosy.voices import NoSpaceError, VoiceError, add_voice, user_dir
 
     if not audio.is_file():
         exits.fail(f"cannot read {audio}: no such file", exits.USAGE)
@@ -201,6 +216,8 @@ def add_cmd(
                           replace=replace)
     except VoiceError as exc:
         exits.fail(" ".join(str(exc).split()), exits.USAGE)
+    except NoSpaceError as exc:  # a full disk, a quota, a read-only folder: nothing was added
+        exits.fail(str(exc), exits.NO_SPACE)
     except OSError as exc:
         exits.fail(f"cannot store the voice in {user_dir()}: {exc.strerror or exc}", exits.USAGE)
     print(f"added voice {voice.name}: {voice.duration_s:.1f} s at {voice.sample_rate} Hz in {voice.folder}")
@@ -209,12 +226,14 @@ def add_cmd(
 @voices_app.command("remove")
 def remove_cmd(name: str = typer.Argument(..., help="A user voice (shipped voices cannot be removed).")) -> None:
     """Remove a user voice from the registry."""
-    from cosy.voices import VoiceError, remove_voice
+    from cosy.voices import VoiceError, remove_voice, user_dir
 
     try:
         remove_voice(name)
     except VoiceError as exc:
         exits.fail(str(exc), exits.USAGE)
+    except OSError as exc:
+        _write_failed(exc, user_dir(), f"removing the voice {name}", "nothing was removed")
     print(f"removed voice {name}")
     if _default_voice() == name:
         print(f"cosy: note: {name} was the default voice; set another with `cosy voices --default NAME`",

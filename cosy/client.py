@@ -8,7 +8,10 @@ One DEALER to the broker's front ROUTER and one SUB on its audio XPUB. The clien
 - keeps only the run (attempt) the broker reports as done, so a worker that died mid-stream
   leaves no partial audio behind;
 - pings the broker, notices a restart (new epoch) and resubmits its unfinished jobs under the
-  same job ids (the broker treats resubmission as idempotent).
+  same job ids (the broker treats resubmission as idempotent);
+- never blocks on a send: while the broker is away, SUBMIT and CANCEL that the DEALER's queue
+  (``sndhwm`` messages) cannot take wait in the client's own backlog, in order, and leave as soon
+  as there is room; PING and REPLAY are not kept (the next ones replace them).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +28,7 @@ import zmq
 from cosy import protocol as P
 from cosy.endpoints import Endpoints
 from cosy.security import prepare_client
+from cosy.zmqio import try_send
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,6 +42,14 @@ REPLAY_TRIES = 4
 
 class BrokerUnreachable(ConnectionError):
     pass
+
+
+def check_client_id(client_id: str) -> bytes:
+    """The client id as the DEALER's routing id (PROTOCOL.md, "Routing"); ValueError if it cannot be one."""
+    routing_id = client_id.encode()
+    if not (1 <= len(client_id) <= 64) or len(routing_id) > 255 or routing_id[:1] == b"\0":
+        raise ValueError(f"client id {client_id!r}: 1-64 characters, at most 255 bytes, not starting with NUL")
+    return routing_id
 
 
 @dataclass
@@ -191,24 +204,32 @@ class JobState:
     runs: dict[str, RunAssembly] = field(default_factory=dict)
     done: P.JobDone | None = None
     done_at: float = 0.0
+    replay_run: str = ""  # the run of the last REPLAY asked (what a REPLAY_GONE from an older broker is about)
 
 
 class Client:
     def __init__(self, endpoints: Endpoints, ctx: zmq.Context | None = None, client_id: str | None = None,
-                 ping_s: float = PING_S, drop_chunk: object = None, rcvhwm: int = 100_000) -> None:
+                 ping_s: float = PING_S, drop_chunk: object = None, rcvhwm: int = 100_000,
+                 sndhwm: int = 1000) -> None:
         self.endpoints = endpoints
         self.ctx = ctx or zmq.Context.instance()
         self.client_id = client_id or f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        routing_id = check_client_id(self.client_id)
         self.ping_s = ping_s
         self.jobs: dict[str, JobState] = {}
         self.epoch = ""
         self.last_pong = 0.0
         self._next_ping = 0.0
+        self._backlog: deque[list[bytes]] = deque()  # SUBMIT/CANCEL the DEALER's queue could not take, in order
         # Fault injection for tests only: a callable(header) -> bool that drops chunks on arrival.
         self._drop_chunk = drop_chunk
         curve = endpoints.curve_dir if endpoints.secure else None
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
+        # The client id is the route: a reconnect (a broken connection, a restarted broker) keeps it, so a DONE
+        # sent before the client's next PING still reaches it (the front ROUTER has ROUTER_HANDOVER).
+        self.dealer.setsockopt(zmq.ROUTING_ID, routing_id)
+        self.dealer.setsockopt(zmq.SNDHWM, sndhwm)
         prepare_client(self.dealer, curve)
         self.dealer.connect(endpoints.front)
         self.sub = self.ctx.socket(zmq.SUB)
@@ -221,6 +242,7 @@ class Client:
         self.poller.register(self.sub, zmq.POLLIN)
 
     def close(self) -> None:
+        self._flush_backlog()  # what fits now (e.g. the CANCELs of a gateway that stops); the rest is dropped
         self.dealer.close(linger=0)
         self.sub.close(linger=0)
 
@@ -255,11 +277,27 @@ class Client:
     def _send_submit(self, spec: JobSpec) -> None:
         msg = P.Submit(spec.job, spec.text, self.client_id, spec.voice, spec.speed, spec.priority, spec.instruct,
                        spec.prompt_audio, spec.prompt_text)
-        self.dealer.send_multipart(msg.to_frames())
+        self._send(msg.to_frames(), keep=True)
 
     def cancel(self, job: str) -> None:
         if job in self.jobs:
-            self.dealer.send_multipart(P.Cancel(job, self.client_id).to_frames())
+            self._send(P.Cancel(job, self.client_id).to_frames(), keep=True)
+
+    def backlog(self) -> int:
+        """Messages waiting for room in the DEALER's queue (the broker is away or not reading)."""
+        return len(self._backlog)
+
+    def _send(self, frames: list[bytes], keep: bool) -> bool:
+        """Send without blocking; what cannot go now is kept for later (``keep``) or dropped. True if it went."""
+        if not self._backlog and try_send(self.dealer, frames):
+            return True
+        if keep:
+            self._backlog.append(frames)
+        return False
+
+    def _flush_backlog(self) -> None:
+        while self._backlog and try_send(self.dealer, self._backlog[0]):
+            self._backlog.popleft()
 
     def forget(self, job: str) -> None:
         if self.jobs.pop(job, None) is not None:
@@ -274,6 +312,7 @@ class Client:
         """Wait up to timeout_s for something to happen; return what happened."""
         events: list[Event] = []
         now = time.monotonic()
+        self._flush_backlog()
         if now >= self._next_ping:
             self._ping(now)
         ready = dict(self.poller.poll(max(0, timeout_s) * 1000))
@@ -296,7 +335,7 @@ class Client:
         return events
 
     def _ping(self, now: float) -> None:
-        self.dealer.send_multipart(P.Ping(self.client_id).to_frames())
+        self._send(P.Ping(self.client_id).to_frames(), keep=False)
         self._next_ping = now + self.ping_s
 
     def _on_control(self, frames: list[bytes], events: list[Event]) -> None:
@@ -321,8 +360,7 @@ class Client:
                 events.append(Accepted(msg.job, msg.queued))
         elif isinstance(msg, P.Rejected):
             if msg.code == P.REPLAY_GONE:
-                self._fail(state, "INCOMPLETE_AUDIO",
-                           "audio chunks were lost and the broker no longer holds them", events)
+                self._on_replay_gone(state, msg.run or state.replay_run, events)
             else:
                 self._fail(state, msg.code, msg.message, events, msg.voices)
         elif isinstance(msg, P.Started):
@@ -340,6 +378,16 @@ class Client:
             self._maybe_complete(state, events)
         elif isinstance(msg, P.JobFailed):
             self._fail(state, msg.code, msg.message, events)
+
+    def _on_replay_gone(self, state: JobState, run: str, events: list[Event]) -> None:
+        """The broker no longer holds RUN's chunks. That is final only for the run its DONE named; any other run was
+        abandoned (its worker died: a new attempt follows) or is still going (its DONE decides)."""
+        if state.done is not None and state.done.run == run:
+            self._fail(state, "INCOMPLETE_AUDIO", "audio chunks were lost and the broker no longer holds them", events)
+            return
+        asm = state.runs.get(run)
+        if asm is not None:
+            asm.replay_tries = REPLAY_TRIES  # nothing more to ask; should its DONE come with the hole, the job fails
 
     def _check_epoch(self, epoch: str, events: list[Event]) -> None:
         if self.epoch and epoch != self.epoch:
@@ -432,9 +480,12 @@ class Client:
                 if now - asm.gap_since < GAP_WAIT_S or now - asm.replay_asked < 0.5:
                     continue
                 if asm.replay_tries >= REPLAY_TRIES:
+                    if state.done is None:
+                        continue  # a run still going, or abandoned for a new attempt: its DONE (or theirs) decides
                     self._fail(state, "INCOMPLETE_AUDIO",
                                f"chunks {missing[:8]} of attempt {asm.attempt} never arrived", events)
                     break
-                asm.replay_tries += 1
                 asm.replay_asked = now
-                self.dealer.send_multipart(P.Replay(state.spec.job, asm.run, missing[:4096]).to_frames())
+                state.replay_run = asm.run
+                if self._send(P.Replay(state.spec.job, asm.run, missing[:4096]).to_frames(), keep=False):
+                    asm.replay_tries += 1

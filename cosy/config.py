@@ -201,7 +201,7 @@ def set_value(key: str, value: str | float, path: Path | None = None) -> Path:
         except ValueError as exc:
             raise ConfigError(f"{path} is not valid TOML, not changing it: {exc}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new_text, encoding="utf-8")
-    os.replace(tmp, path)
+    from cosy import diskspace
+
+    diskspace.write_atomic(path, new_text.encode("utf-8"))  # a failed write (a full disk) leaves no temporary file
     return path

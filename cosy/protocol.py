@@ -295,13 +295,15 @@ class Accepted(Message):
 
 @dataclass(frozen=True)
 class Rejected(Message):
-    """Broker -> client: the job was refused (`code`); for UNKNOWN_VOICE, `voices` lists those served."""
+    """Broker -> client: the job was refused (`code`); for UNKNOWN_VOICE, `voices` lists those served; for
+    REPLAY_GONE, `run` names the run asked for."""
 
     TYPE: ClassVar[bytes] = b"REJECTED"
     job: str
     code: str
     message: str
     voices: list[str] = field(default_factory=list)
+    run: str = ""
 
 
 @dataclass(frozen=True)

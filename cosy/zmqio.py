@@ -5,6 +5,10 @@ combine enum flags on every part; on a chunk forwarded by the broker that was ab
 cost (`cosy bench throughput`). These helpers use ``Frame.more`` and plain int flags instead. Both are
 non-blocking: ``recv_frames`` raises ``zmq.Again`` when nothing is queued, ``send_frames`` when the peer's
 queue is full (libzmq queues a multipart message atomically, so that happens on the first part only).
+
+``try_send`` is the one way a client or a worker sends a control message on its DEALER: never blocking (a DEALER
+whose broker is away queues ``SNDHWM`` messages, then a blocking send would wait for the broker), it says whether
+the message was queued and leaves the caller to keep or drop what was not.
 """
 
 from __future__ import annotations
@@ -34,3 +38,12 @@ def send_frames(sock: zmq.Socket, parts: Sequence[Any]) -> None:
     send = sock.send
     for i, part in enumerate(parts):
         send(part, NOBLOCK if i == last else NOBLOCK_MORE, copy=False)
+
+
+def try_send(sock: zmq.Socket, frames: Sequence[Any]) -> bool:
+    """Queue a whole message without blocking; False (nothing queued) when the socket's queue is full."""
+    try:
+        sock.send_multipart(frames, NOBLOCK)
+    except zmq.Again:
+        return False
+    return True

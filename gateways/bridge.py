@@ -7,7 +7,9 @@ event loop talks to that thread through a command queue plus a self-pipe that wa
 thread's poller at once; the thread hands each job's events back to the job's own
 ``asyncio.Queue`` with ``loop.call_soon_threadsafe``. Nothing but the bridge thread touches a
 ZeroMQ socket; both of its sockets to the broker's front (jobs and status) get the client's
-CURVE keys when the endpoints are secure.
+CURVE keys when the endpoints are secure. The thread never blocks on a send, however long the
+broker is away: the client keeps what its DEALER's queue cannot take (see cosy.client), and a
+status request that does not fit is skipped.
 
 Gateways do not read a :class:`JobHandle` themselves: :mod:`cosy.gateways.jobstream` does.
 """

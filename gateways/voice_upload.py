@@ -13,7 +13,9 @@ Checks, in order, each a clear OpenAI error with nothing stored: the API key (40
 voice, an alias, OpenAI's names or the registry has it), the transcript's length, the audio (400
 ``invalid_audio``, ``audio_too_short``, ``audio_too_long``, ``silent_audio``), then that a connected worker
 can clone (503 ``no_workers``; 400 ``cannot_clone`` naming the engines that can). The voice is written
-atomically (:func:`cosy.voices.store_voice`).
+atomically (:func:`cosy.voices.store_voice`): when the registry's disk is full (or over quota, or read-only) the
+answer is 507 ``insufficient_storage`` ("no space left on DEVICE writing the voice NAME; nothing was added"), and
+any other write error a 500 ``storage_error``; either way nothing is stored.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from cosy import protocol as P
 from cosy.gateways import cloning, forms
 from cosy.gateways.voice_names import OPENAI_VOICES
-from cosy.voices import VoiceError, check_name, store_voice
+from cosy.voices import NoSpaceError, VoiceError, check_name, store_voice
 
 if TYPE_CHECKING:
     from cosy.gateways.http import HttpGateway
@@ -103,6 +105,11 @@ async def create_voice(gw: HttpGateway, request: Request) -> Response:
             exists = "exists" in str(exc)
             raise ApiError(409 if exists else 400, str(exc), "voice_exists" if exists else "silent_audio",
                            "name" if exists else "audio_sample") from None
+        except NoSpaceError as exc:
+            raise ApiError(507, str(exc), "insufficient_storage", kind="server_error") from None
+        except OSError as exc:
+            raise ApiError(500, f"cannot store the voice {name}: {exc.strerror or exc}; nothing was added",
+                           "storage_error", kind="server_error") from None
     except ApiError as err:
         gw.metrics.requests.labels(API, str(err.status)).inc()
         return err.response()

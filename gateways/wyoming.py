@@ -20,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from urllib.parse import urlparse
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -47,6 +50,7 @@ API = "wyoming"
 ATTRIBUTION = Attribution(name="cosy", url="https://github.com/")
 SAMPLE_WIDTH = 2
 CHANNELS = 1
+STOP_GRACE_S = 5.0  # on SIGTERM, the syntheses in flight get this long to be sent whole
 
 
 @dataclass
@@ -229,18 +233,72 @@ class CosyEventHandler(AsyncEventHandler):
 
 
 async def serve(endpoints: Endpoints, config: WyomingConfig) -> None:
+    """Serve until SIGTERM or SIGINT. Then: no new connection, up to ``STOP_GRACE_S`` for the syntheses in flight to
+    be sent whole, the rest cancelled (each connection's disconnect), the bridge stopped. The same with every
+    wyoming version: the server is ours (newer wyoming servers stop on SIGTERM themselves, at once, cutting the
+    audio being sent; older ones die of it)."""
     gw = WyomingGateway(endpoints, config)
     if config.metrics_port:
         from cosy.metrics import serve as serve_metrics
 
         serve_metrics(gw.metrics.registry, config.metrics_port)
     gw.bridge.start()
-    server = AsyncServer.from_uri(config.uri)
-    log.info("cosy wyoming server on %s (broker %s)", config.uri, endpoints.front)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
-        await server.run(partial(CosyEventHandler, gateway=gw))
+        if urlparse(config.uri).scheme == "stdio":  # one connection: wyoming's own server, until EOF or a signal
+            server_task = asyncio.ensure_future(AsyncServer.from_uri(config.uri).run(
+                partial(CosyEventHandler, gateway=gw)))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({server_task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (server_task, stopping):
+                task.cancel()
+            await asyncio.gather(server_task, stopping, return_exceptions=True)
+            return
+        await _serve_sockets(gw, config, stop)
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         gw.bridge.stop()
+
+
+async def _serve_sockets(gw: WyomingGateway, config: WyomingConfig, stop: asyncio.Event) -> None:
+    connections: dict[asyncio.Task[None], CosyEventHandler] = {}
+
+    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = CosyEventHandler(reader, writer, gw)
+        task = asyncio.create_task(handler.run(), name="cosy wyoming connection")
+        connections[task] = handler
+        task.add_done_callback(lambda done: connections.pop(done, None))
+
+    parsed = urlparse(config.uri)
+    unix_path = Path(parsed.path) if parsed.scheme == "unix" else None
+    if unix_path is not None:
+        unix_path.unlink(missing_ok=True)
+        server = await asyncio.start_unix_server(connected, path=str(unix_path))
+    else:
+        host, port = parse_uri(config.uri)
+        server = await asyncio.start_server(connected, host=host, port=port)
+    log.info("cosy wyoming server on %s (broker %s)", config.uri, gw.bridge.endpoints.front)
+    try:
+        await stop.wait()
+        server.close()
+        busy = [h for h in connections.values() if h._open]
+        log.info("stopping: %d connection(s) synthesizing get up to %g s to finish", len(busy), STOP_GRACE_S)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(h._open for h in connections.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        tasks = list(connections)
+        for task in tasks:
+            task.cancel()  # the handler's disconnect() cancels what it still had open
+        await asyncio.gather(*tasks, return_exceptions=True)
+        server.close()
+        if unix_path is not None:
+            unix_path.unlink(missing_ok=True)
+        log.info("cosy wyoming stopped")
 
 
 def run_wyoming(endpoints: Endpoints, config: WyomingConfig) -> int:

@@ -39,21 +39,38 @@ class Stack:
     # --- processes ------------------------------------------------------------------
 
     def spawn(self, *args: str, name: str, stdin: Any = None, stdout: Any = None) -> subprocess.Popen:
+        """`python -m cosy ARGS`, its output (or its stderr, with ``stdout``) in NAME.log."""
+        return self.spawn_script("-m", "cosy", *args, name=name, stdin=stdin, stdout=stdout)
+
+    def spawn_script(self, *args: str, name: str, stdin: Any = None, stdout: Any = None) -> subprocess.Popen:
+        """`python ARGS` (a test's own helper, e.g. tests/race_worker.py), logged and stopped like the rest."""
         log = self.runtime_dir / f"{name}.log"
         self.logs.append(log)
-        proc = subprocess.Popen([sys.executable, "-m", "cosy", *args], env=self.env, stdin=stdin,
-                                stdout=stdout if stdout is not None else open(log, "ab"),  # noqa: SIM115
-                                stderr=subprocess.STDOUT if stdout is None else open(log, "ab"))  # noqa: SIM115
+        # The child gets its own copy of the log's descriptor: the parent closes its one at once.
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, *args], env=self.env, stdin=stdin,
+                                    stdout=stdout if stdout is not None else out,
+                                    stderr=subprocess.STDOUT if stdout is None else out)
         self.procs.append(proc)
         return proc
 
     def start_broker(self, *extra: str) -> subprocess.Popen:
-        self.broker = self.spawn("broker", "--runtime-dir", str(self.runtime_dir),
-                                 "--heartbeat-ms", str(HEARTBEAT_MS), *extra, name="broker")
-        wait_for(lambda: (self.runtime_dir / "front.sock").exists() or self.broker.poll() is not None,
-                 15, "the broker's socket")
-        assert self.broker.poll() is None, self.log_text()
-        return self.broker
+        broker = self.broker = self.spawn("broker", "--runtime-dir", str(self.runtime_dir),
+                                          "--heartbeat-ms", str(HEARTBEAT_MS), *extra, name="broker")
+        lock = self.runtime_dir / "broker.lock"
+
+        def bound() -> bool:  # this broker's pid in the lock file (a killed one leaves its sockets behind)
+            if broker.poll() is not None:
+                return True
+            try:
+                mine = lock.read_text().strip() == str(broker.pid)
+            except OSError:
+                return False
+            return mine and (self.runtime_dir / "front.sock").exists()
+
+        wait_for(bound, 15, "the broker's socket")
+        assert broker.poll() is None, self.log_text()
+        return broker
 
     def start_worker(self, engine: str = "piper", name: str | None = None, options: dict[str, Any] | None = None,
                      wait: bool = True, extra: tuple[str, ...] = ()) -> subprocess.Popen:

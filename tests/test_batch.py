@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 from stack import Stack, wait_for
 
@@ -50,6 +52,7 @@ def start_batch(stack: Stack, source: Path, outdir: Path, *extra: str) -> subpro
     return stack.cosy_background("batch", str(source), "--outdir", str(outdir), *extra)
 
 
+@pytest.mark.timeout(900)  # 500 Piper lines: ~100 s on an idle 2-core machine, several minutes on a loaded one
 def test_500_lines_on_two_piper_workers_survive_a_worker_kill_and_resume_rewrites_nothing(
         stack: Stack, tmp_path: Path) -> None:
     a = stack.start_worker("piper", name="a")
@@ -143,3 +146,28 @@ def test_batch_survives_a_broker_kill_and_restart(stack: Stack, tmp_path: Path) 
     assert b"broker restarted" in err
     assert_valid_files(outdir, 120)
     assert len(os.listdir(outdir)) == 121  # 120 files and the manifest: nothing twice
+
+
+def test_busy_back_off_doubles_with_each_refusal_up_to_five_seconds() -> None:
+    from cosy.cli.batch import busy_delay
+
+    assert [busy_delay(n) for n in range(1, 9)] == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+
+
+def test_a_line_refused_as_busy_again_and_again_backs_off_longer_each_time(bare_stack: Stack, tmp_path: Path) -> None:
+    # A queue of one job: with one slow job running and one queued, the third line is refused (BUSY) until the
+    # first finishes (at least 2 x 1.5 s of the worker's own delay), long enough for three refusals in a row.
+    stack = bare_stack
+    stack.start_broker("--max-queue", "1")
+    stack.start_worker("tone", name="t", options={"capacity": 1, "delay_ms": 1500, "chunk_ms": 100})
+    source = tmp_path / "l.txt"
+    source.write_text("line one\nline two\nline three\n")
+    outdir = tmp_path / "out"
+    proc = stack.cosy("batch", str(source), "--outdir", str(outdir), "--window", "3", timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err + stack.log_text()
+    assert_valid_files(outdir, 3)
+    waits = [float(s) for s in re.findall(r"the broker is busy \(queue is full \(1 jobs\); retry later\); "
+                                          r"waiting ([\d.]+) s before resubmitting", err)]
+    assert waits[:3] == [0.2, 0.4, 0.8], err  # each a new high: printed once each, so it grew
+    assert stack.status()["counters"]["rejected"] >= 3

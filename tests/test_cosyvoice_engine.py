@@ -221,7 +221,7 @@ def test_status_says_where_a_worker_capacity_came_from() -> None:
           "workers": [worker("measured", {"capacity_source": "warm-up"}), worker("swept", {"capacity_source": "bench"}),
                       worker("plain", {})]}
     console = Console(width=200, record=True)
-    console.print(render(st))
+    console.print(render(st, console.width))
     lines = {line.split()[1]: line for line in console.export_text().splitlines() if "cosyvoice" in line}
     assert "0/6 (measured)" in lines["measured"] and "0/6 (bench)" in lines["swept"]
     assert "(" not in lines["plain"].split("0/6")[1].split()[0]

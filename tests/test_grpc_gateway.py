@@ -174,11 +174,11 @@ def test_responses_stream_as_the_worker_produces_them(served, stubs) -> None:
     pb, pbg = stubs
     observer = ChunkObserver(stack)
     try:
-        text = "x" * 50  # 1 s of audio in 10 chunks, one every 100 ms
+        text = "x" * 150  # 3 s of audio in 30 chunks, one every 100 ms: slack for a loaded machine
         reply = infer(gw, pb, pbg, pb.Request(sft_request=pb.sftRequest(spk_id="tone", tts_text=text)))
         t_final, final = wait_for(lambda: observer.final(reply.job), 10, "the job's final chunk")
         assert reply.first_at < t_final  # the client had audio before the worker made its last chunk
-        assert reply.responses >= 5  # one Response per chunk, not one at the end
+        assert reply.responses >= 15  # one Response per chunk, not one at the end
         assert reply.rate == TONE_RATE and len(reply.audio) == final.total_samples == tone_samples(text)
     finally:
         observer.close()

@@ -112,7 +112,7 @@ def test_the_first_bytes_come_before_the_last_chunk_is_made(served) -> None:
     stack, gw = served
     observer = ChunkObserver(stack)
     try:
-        text = "x" * 50  # 1 s in 10 chunks of 100 ms, one every 100 ms
+        text = "x" * 150  # 3 s in 30 chunks of 100 ms, one every 100 ms: slack for a loaded machine
         with httpx.Client(timeout=60) as client, client.stream(
                 "GET", f"{gw.url}/inference_sft", data={"tts_text": text, "spk_id": "tone"}) as resp:
             job = resp.headers["x-cosy-job"]

@@ -146,13 +146,14 @@ def test_synthesize_streams_audio_as_it_is_made(served) -> None:
         run(go("warm up"))
         wait_for(lambda: any(h.final for _, h in observer.seen), 10, "the observer to see a job end")
         mark = len(observer.seen)
-        (cycle,) = run(go("x" * 50))  # 10 chunks, 100 ms apart
+        # 30 chunks, 100 ms apart: seconds of slack for a loaded machine, none for a gateway that buffers.
+        (cycle,) = run(go("x" * 150))
         finals = [(t, h) for t, h in observer.seen[mark:] if h.final]
         assert len(finals) == 1
         t_final, final = finals[0]
-        assert len(cycle.audio()) == final.total_samples == TONE_RATE
+        assert len(cycle.audio()) == final.total_samples == 3 * TONE_RATE
         assert cycle.chunk_times[0] < t_final
-        assert len(cycle.chunk_times) >= 10
+        assert len(cycle.chunk_times) >= 30
     finally:
         observer.close()
 

@@ -8,8 +8,11 @@ Sockets:
                                    its first chunk cannot be lost to a slow join. The main loop reads
                                    that subscription, then hands the socket to the synthesis threads,
                                    which send their chunks on it themselves under a lock: no thread
-                                   hop between a chunk and the wire.
-  PULL    <- inproc, from the synthesis threads (each has its own PUSH): DONE / FAILED / cancelled
+                                   hop between a chunk and the wire. Only the main loop opens and closes
+                                   it (under the lock, after which no thread touches it again).
+
+The synthesis threads own no socket: a run's outcome (DONE / FAILED / cancelled) goes to the main loop on a plain
+queue, and a byte on a self-pipe wakes its poller. So no socket is ever used by one thread while another closes it.
 
 The engine runs jobs on threads of its own (``Engine.start`` returns at once; simple engines through
 ``ThreadedEngine``), so heartbeats keep flowing while it works.
@@ -20,10 +23,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +39,7 @@ from cosy.endpoints import Endpoints
 from cosy.security import prepare_client
 from cosy.workers.engines import Engine, EngineError, SynthesisRequest
 from cosy.workers.engines.base import CollectingSink, as_engine
-from cosy.zmqio import send_frames
+from cosy.zmqio import send_frames, try_send
 
 log = logging.getLogger("cosy.worker")
 
@@ -61,10 +64,11 @@ class Stats:
     ttfc_ms_sum: float = 0.0
     rtf_sum: float = 0.0
 
-    def as_metrics(self) -> dict[str, float]:
-        n = max(self.done, 1)
-        return {"jobs_done": self.done, "jobs_failed": self.failed,
-                "mean_ttfc_ms": round(self.ttfc_ms_sum / n, 2), "mean_rtf": round(self.rtf_sum / n, 4)}
+    def as_metrics(self) -> dict[str, float | None]:
+        n = self.done
+        return {"jobs_done": n, "jobs_failed": self.failed,  # the means are None (not 0) before the first job
+                "mean_ttfc_ms": round(self.ttfc_ms_sum / n, 2) if n else None,
+                "mean_rtf": round(self.rtf_sum / n, 4) if n else None}
 
 
 class Worker:
@@ -85,10 +89,10 @@ class Worker:
         self.on_ready = on_ready
         self.runs: dict[str, Run] = {}
         self.stats = Stats()
-        self._results_ep = f"inproc://cosy-results-{uuid.uuid4().hex}"
-        self._local = threading.local()
-        self._pushers: list[zmq.Socket] = []
-        self._pushers_lock = threading.Lock()
+        # A run's outcome, from the synthesis threads to the main loop: (b"D", DONE/FAILED frames) or (b"X", run).
+        self._results: queue.SimpleQueue[tuple[bytes, list[bytes]]] = queue.SimpleQueue()
+        self._wake: tuple[int, int] | None = None  # the self-pipe that wakes the main loop; guarded by _wake_lock
+        self._wake_lock = threading.Lock()
         self._audio: zmq.Socket | None = None  # the XPUB, once the broker subscribed; guarded by _audio_lock
         self._audio_lock = threading.Lock()
         self._voices = [v.name for v in engine.voices()]
@@ -98,16 +102,15 @@ class Worker:
 
     # --- engine side (synthesis threads) ------------------------------------------
 
-    def _pusher(self) -> zmq.Socket:
-        sock = getattr(self._local, "push", None)
-        if sock is None:
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self._results_ep)
-            self._local.push = sock
-            with self._pushers_lock:
-                self._pushers.append(sock)
-        return sock
+    def _post(self, kind: bytes, frames: list[bytes]) -> None:
+        """Hand a run's outcome to the main loop (any thread, any time: after the loop ended it is just dropped)."""
+        self._results.put((kind, frames))
+        with self._wake_lock:
+            if self._wake is not None:
+                try:
+                    os.write(self._wake[1], b"\0")
+                except BlockingIOError:
+                    pass  # the pipe is full: the loop is awake anyway
 
     def _publish(self, parts: list[Any]) -> None:
         with self._audio_lock:  # the lock also carries the socket safely between threads (a full barrier)
@@ -159,19 +162,32 @@ class Worker:
         log.info("engine %s warm in %.2f s (capacity %d)", self.engine.name, time.perf_counter() - t0,
                  self.engine.capacity)
 
-    def run(self, stop: threading.Event) -> None:
-        pull = self.ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.bind(self._results_ep)
+    def _open_audio(self) -> zmq.Socket:
+        """A fresh XPUB to the broker's audio-in. A new connection gets the broker's subscribe-all again, which is
+        what READY waits for: after a reconnect the old XPUB's pipe may be stale or still be joining."""
         xpub = self.ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.LINGER, 0)
         xpub.setsockopt(zmq.SNDHWM, 100_000)
         prepare_client(xpub, self._curve)
         xpub.connect(self.endpoints.audio_in)
+        return xpub
+
+    def _close_audio(self, xpub: zmq.Socket) -> None:
+        with self._audio_lock:  # no synthesis thread is on it, and none will be: _publish sees None
+            self._audio = None
+            xpub.close(linger=0)
+
+    def run(self, stop: threading.Event) -> None:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        with self._wake_lock:
+            self._wake = (wake_r, wake_w)
+        xpub = self._open_audio()
         dealer = self._connect_dealer()
 
         poller = zmq.Poller()
-        poller.register(pull, zmq.POLLIN)
+        poller.register(wake_r, zmq.POLLIN)
         poller.register(xpub, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
 
@@ -182,42 +198,56 @@ class Worker:
         next_hb = 0.0
         next_voices = time.monotonic() + VOICE_REFRESH_S
         watchdog = sdnotify.Watchdog()
+
+        def register_again() -> None:
+            """Whatever made us reconnect (a broker restart, RECONNECT, silence), register as at first start: READY
+            only once a fresh audio publisher has the broker's subscription (no first chunk lost to a slow join)."""
+            nonlocal xpub, audio_ready, registered
+            self._cancel_all()
+            if not audio_ready:
+                poller.unregister(xpub)
+            self._close_audio(xpub)
+            xpub = self._open_audio()
+            poller.register(xpub, zmq.POLLIN)
+            audio_ready = registered = False
+            self.epoch = ""  # the broker that acknowledges the new READY is the one we serve
+
         try:
             while not stop.is_set():
                 now = time.monotonic()
                 watchdog.tick()
                 if audio_ready and not registered:
-                    dealer.send_multipart(self._ready_msg().to_frames())
+                    self._tell(dealer, self._ready_msg().to_frames())
                     registered = True
                     broker_seen = now
                     acknowledged = False
                 if registered and now >= next_hb:
                     hb = P.Heartbeat(runs=list(self.runs), metrics={**self.stats.as_metrics(),
                                                                     **self.engine.metrics()})
-                    dealer.send_multipart(hb.to_frames())
+                    self._tell(dealer, hb.to_frames())
                     next_hb = now + self.heartbeat_s
                 if registered and now >= next_voices:
                     next_voices = now + VOICE_REFRESH_S
                     if self._voices_changed():
-                        dealer.send_multipart(dataclasses.replace(self._ready_msg(), update=True).to_frames())
+                        self._tell(dealer, dataclasses.replace(self._ready_msg(), update=True).to_frames())
                 if self.stall_s and self._fail_stalled(now, dealer):
                     break
                 if registered and now - broker_seen > self.heartbeat_s * self.liveness:
                     log.warning("broker silent for %.1f s: reconnecting", now - broker_seen)
-                    self._cancel_all()
                     poller.unregister(dealer)
                     dealer.close()
                     dealer = self._connect_dealer()
                     poller.register(dealer, zmq.POLLIN)
-                    registered = False
+                    register_again()
                     broker_seen = now
                     continue
                 timeout = max(0.0, min(next_hb - time.monotonic(), 0.25)) if registered else 0.25
                 timeout = min(timeout, watchdog.due_in())
                 events = dict(poller.poll(timeout * 1000))
-                if pull in events:
-                    self._drain_results(pull, dealer)
-                if xpub in events:
+                if wake_r in events:
+                    _drain_pipe(wake_r)
+                self._drain_results(dealer)
+                if not audio_ready and xpub in events:
                     while True:
                         try:
                             sub = xpub.recv(zmq.NOBLOCK)
@@ -240,26 +270,27 @@ class Worker:
                             acknowledged = True  # the broker answered our READY: we are serving
                             self._announce_ready()
                         if self._handle(frames, dealer) == "reconnect":
-                            self._cancel_all()
-                            registered = False
+                            register_again()
             # Clean stop: tell the broker, so it requeues what we still run at once.
             self._cancel_all()
             if registered:
-                dealer.send_multipart(P.Disconnect().to_frames())
+                self._tell(dealer, P.Disconnect().to_frames())
                 time.sleep(0.05)  # let libzmq hand DISCONNECT to the socket before it closes
         finally:
             sdnotify.notify("STOPPING=1")
-            with self._audio_lock:
-                self._audio = None
-                xpub.close(linger=0)
-            for sock in (pull, dealer):
-                sock.close(linger=0)
-            with self._pushers_lock:
-                for s in self._pushers:
-                    try:
-                        s.close(linger=0)
-                    except zmq.ZMQError:
-                        pass
+            self._close_audio(xpub)
+            dealer.close(linger=0)
+            with self._wake_lock:
+                self._wake = None
+                os.close(wake_r)
+                os.close(wake_w)
+
+    def _tell(self, dealer: zmq.Socket, frames: list[bytes]) -> None:
+        """A message to the broker, never blocking: when the DEALER's queue is full the broker has not read for a
+        long while, and the liveness window (or its RECONNECT) will have the worker register afresh; what is
+        dropped meanwhile belongs to the registration that ends then (its runs are requeued)."""
+        if not try_send(dealer, frames):
+            log.warning("the broker is not reading: dropped a %s", frames[1].decode(errors="replace"))
 
     def _fail_stalled(self, now: float, dealer: zmq.Socket) -> bool:
         """Fail every run whose engine made no progress for stall_s (retryable elsewhere); True if any did."""
@@ -271,7 +302,7 @@ class Worker:
             self._cancel(run)
             del self.runs[job.run]
             self.stats.failed += 1
-            dealer.send_multipart(P.JobFailed(job.job, P.ENGINE_STALLED, f"the engine on {self.name} made no "
+            self._tell(dealer, P.JobFailed(job.job, P.ENGINE_STALLED, f"the engine on {self.name} made no "
                                               f"progress for {self.stall_s:g} s", job.run, job.attempt,
                                               retryable=True).to_frames())
         if stuck:
@@ -336,15 +367,13 @@ class Worker:
             return "reconnect"
         return None
 
-    def _drain_results(self, pull: zmq.Socket, dealer: zmq.Socket) -> None:
+    def _drain_results(self, dealer: zmq.Socket) -> None:
         for _ in range(1000):
             try:
-                frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+                kind, body = self._results.get_nowait()
+            except queue.Empty:
                 return
-            kind = frames[0].bytes
             if kind == b"D":
-                body = [f.bytes for f in frames[1:]]
                 msg = P.decode(body, P.WORKER_MESSAGES)
                 run = self.runs.pop(msg.run, None)
                 if run is None:
@@ -355,9 +384,9 @@ class Worker:
                     self.stats.rtf_sum += msg.rtf
                 else:
                     self.stats.failed += 1
-                dealer.send_multipart(body)
+                self._tell(dealer, body)
             elif kind == b"X":
-                self.runs.pop(frames[1].bytes.decode(), None)
+                self.runs.pop(body[0].decode(), None)
 
 
 class RunSink:
@@ -402,7 +431,7 @@ class RunSink:
         rtf = elapsed / (samples / rate) if samples else 0.0
         msg = P.JobDone(job.job, job.run, job.attempt, seq + 1, samples, rate, round(self.ttfc, 3), round(rtf, 5),
                         self.worker.name)
-        self.worker._pusher().send_multipart([b"D", *msg.to_frames()])
+        self.worker._post(b"D", msg.to_frames())
 
     def failed(self, error: BaseException) -> None:
         if self._close():
@@ -416,7 +445,7 @@ class RunSink:
             message = f"{error.__class__.__name__}: {error}"
             retryable = "out of memory" in str(error).lower()
         msg = P.JobFailed(job.job, P.ENGINE_ERROR, message, job.run, job.attempt, retryable)
-        self.worker._pusher().send_multipart([b"D", *msg.to_frames()])
+        self.worker._post(b"D", msg.to_frames())
 
     def _close(self) -> bool:
         """Mark the run ended; True if it had ended already or was cancelled (nothing more to say)."""
@@ -424,9 +453,17 @@ class RunSink:
             return True
         self.closed = True
         if self.run.cancelled.is_set():
-            self.worker._pusher().send_multipart([b"X", self.run.job.run.encode()])
+            self.worker._post(b"X", [self.run.job.run.encode()])
             return True
         return False
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _to_s16(audio: np.ndarray) -> np.ndarray:

@@ -49,6 +49,10 @@ Traps in the library, and what this engine does about them (see docs/gpu.md):
 * The TensorRT plan is written by the library non-atomically and never rebuilt when stale: the engine
   builds it itself (with the library's converter) under a file lock, into a temporary file renamed into
   place, named by GPU model, TensorRT version and precision, and hands that file to ``load_trt``.
+
+The cache folder is best effort (:class:`CacheFolder`): a worker whose cache cannot be written (a full disk, a
+quota, a read-only or unwritable folder) still serves. It logs one warning, the first time, and goes without:
+prompt features are computed again at the next start, and without a TensorRT plan the flow decoder runs on torch.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ import dataclasses
 import fcntl
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -72,6 +77,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cosy import diskspace
 
 from .base import EngineError, Sink, SynthesisRequest, VoiceInfo
 
@@ -105,6 +112,42 @@ def _cache_root(cache_dir: str | None) -> Path:
         return Path(cache_dir)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "cosy"
+
+
+class CacheFolder:
+    """The engine's cache folder: prompt features, TensorRT plans, the capacity a `cosy bench gpu` sweep stored.
+
+    Best effort: an entry is written whole (a temporary file renamed into place) or not at all, and one that
+    cannot be written costs only that entry. The first failure logs one warning; later ones are counted
+    (the worker's metric ``cache_write_failures``) and logged at debug level, so a full disk is not a warning per
+    job.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def write(self, path: Path, data: bytes) -> bool:
+        """Store ``data`` at ``path`` (inside the folder); False, after :meth:`failed`, where it cannot."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            diskspace.write_atomic(path, data)
+        except OSError as exc:
+            self.failed(path, exc)
+            return False
+        return True
+
+    def failed(self, path: Path, exc: OSError) -> None:
+        with self._lock:
+            self.failures += 1
+            first = self.failures == 1
+        reason = diskspace.describe(exc, path) if diskspace.is_no_space(exc) else (exc.strerror or str(exc))
+        if first:
+            log.warning("cannot write the cache %s (%s): serving without it; later cache writes that fail are "
+                        "counted (cache_write_failures), not logged", path, reason)
+        else:
+            log.debug("cache write failed: %s (%s)", path, reason)
 
 
 # --- voices (swap for cosy.voices.list_voices once the registry is packaged) -------------
@@ -294,6 +337,7 @@ class CosyVoiceEngine:
         self._text_frontend = _flag(text_frontend, True)
         self._voice_dirs = [Path(p) for p in voices_dir.split(os.pathsep)] if voices_dir else default_voice_dirs()
         self._cache = _cache_root(cache_dir)
+        self._cache_folder = CacheFolder(self._cache)
         # Two locks, so that the worker's socket loop (voices(), refresh_voices()) never waits on a voice whose
         # prompt features are being computed: _voices_lock guards the folder scan's result, _prepare_lock the
         # feature computation.
@@ -317,7 +361,7 @@ class CosyVoiceEngine:
         vllm_on = _flag(load_vllm, False) and cuda
         self._tts = self._construct(cli, fp16_on, vllm_on, _flag(load_jit, False) and cuda)
         if trt_on:
-            self._load_trt(fp16_on, int(trt_concurrent or max(self.capacity, 2)))
+            trt_on = self._load_trt(fp16_on, int(trt_concurrent or max(self.capacity, 2)))
         self.sample_rate = int(self._tts.sample_rate)
         self._hop = isolate_hop_len(self._tts.model, int(token_hop_len) if token_hop_len is not None else None)
         isolate_speaker_cache(self._tts.frontend)
@@ -427,20 +471,28 @@ class CosyVoiceEngine:
             return False
         return True
 
-    def _load_trt(self, fp16: bool, concurrent: int) -> None:
+    def _load_trt(self, fp16: bool, concurrent: int) -> bool:
+        """Build (once, into the cache) and load the flow decoder's TensorRT plan; False where it runs on torch."""
         onnx_file = self.model_dir / TRT_ONNX
         if not onnx_file.is_file():
             log.warning("no %s in the model folder: running the flow decoder without TensorRT", TRT_ONNX)
-            return
+            return False
         import tensorrt as trt
         from cosyvoice.utils.file_utils import convert_onnx_to_trt
 
         model = self._tts.model
         gpu = self._torch.cuda.get_device_name(0)
         key = trt_plan_key(gpu, trt.__version__, fp16, onnx_file)
-        plan = ensure_trt_plan(self._cache / "trt", key,
-                               lambda tmp: convert_onnx_to_trt(str(tmp), model.get_trt_kwargs(), str(onnx_file), fp16))
+        folder = self._cache / "trt"
+        try:
+            plan = ensure_trt_plan(folder, key, lambda tmp: convert_onnx_to_trt(str(tmp), model.get_trt_kwargs(),
+                                                                                str(onnx_file), fp16))
+        except OSError as exc:  # the library loads a plan from a file only: no file, no TensorRT
+            self._cache_folder.failed(folder / f"{key}.plan", exc)
+            log.warning("no TensorRT plan could be stored: running the flow decoder without TensorRT")
+            return False
         model.load_trt(str(plan), str(onnx_file), concurrent, fp16)
+        return True
 
     def _prompt_signature(self) -> str:
         params = list(inspect.signature(self._tts.add_zero_shot_spk).parameters)
@@ -499,21 +551,17 @@ class CosyVoiceEngine:
                 else:
                     self._tts.add_zero_shot_spk(self._prompt_text(voice), self._prompt_audio(voice), spk_id)
                     self._counts["voice_prompts_computed"] += 1
-                    self._save_features(path, spk2info[spk_id])
-                    log.info("voice %s: prompt features computed and saved to %s", voice.name, path)
+                    saved = self._save_features(path, spk2info[spk_id])
+                    log.info("voice %s: prompt features computed%s", voice.name,
+                             f" and saved to {path}" if saved else " (not cached)")
             self._ready[voice.name] = (voice, spk_id)
         return spk_id
 
-    def _save_features(self, path: Path, features: dict[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            self._torch.save({k: v.cpu() for k, v in features.items()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+    def _save_features(self, path: Path, features: dict[str, Any]) -> bool:
+        """Keep a voice's prompt features for the next start; False where the cache cannot be written."""
+        buf = io.BytesIO()  # serialised in memory: torch reports a full disk as a RuntimeError without its errno
+        self._torch.save({k: v.cpu() for k, v in features.items()}, buf)
+        return self._cache_folder.write(path, buf.getvalue())
 
     def _prompt_audio(self, voice: RefVoice) -> Any:
         if self._prompt_kind == "path":
@@ -552,27 +600,39 @@ class CosyVoiceEngine:
             pcm = np.frombuffer(audio, dtype="<i2").astype(np.float32) / 32768.0
             transcript = self._prompt_text(RefVoice("prompt", Path(), text)) if text else (
                 f"{COSYVOICE3_SYSTEM_PROMPT}{ENDOFPROMPT}" if self.family == "CosyVoice3" else "")
+            tmp = self._prompt_file(pcm) if self._prompt_kind == "path" else None
             try:
-                if self._prompt_kind == "path":
-                    import soundfile as sf
-
-                    fd, tmp = tempfile.mkstemp(suffix=".wav", prefix="cosy-prompt-")
-                    os.close(fd)
-                    try:
-                        sf.write(tmp, pcm, 16000, subtype="PCM_16")
-                        self._tts.add_zero_shot_spk(transcript, tmp, spk_id)
-                    finally:
-                        os.unlink(tmp)
+                if tmp is not None:
+                    self._tts.add_zero_shot_spk(transcript, str(tmp), spk_id)
                 else:
                     self._tts.add_zero_shot_spk(transcript, self._torch.from_numpy(pcm)[None], spk_id)
             except (ValueError, RuntimeError, AssertionError) as exc:
                 raise EngineError(f"cannot use the job's prompt audio: {exc.__class__.__name__}: {exc}") from exc
+            finally:
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
             self._counts["prompt_features_computed"] += 1
             self._prompt_speakers[spk_id] = None
             while len(self._prompt_speakers) > MAX_PROMPT_SPEAKERS:
                 old, _ = self._prompt_speakers.popitem(last=False)
                 spk2info.pop(old, None)
         return spk_id
+
+    @staticmethod
+    def _prompt_file(pcm: np.ndarray) -> Path:
+        """A job's prompt as a temporary 16 kHz WAV file, for a library that takes the prompt as a path."""
+        import soundfile as sf
+
+        wav = io.BytesIO()  # encoded in memory: libsndfile reports a full disk without its errno
+        sf.write(wav, pcm, 16000, format="WAV", subtype="PCM_16")
+        tmp = Path(tempfile.gettempdir()) / f"cosy-prompt-{uuid.uuid4().hex}.wav"
+        try:
+            diskspace.write_file(tmp, wav.getvalue(), mode=0o600)  # a user's recording: theirs to read
+        except OSError as exc:  # this job fails; another worker may have room
+            reason = diskspace.describe(exc, tmp) if diskspace.is_no_space(exc) else exc.strerror or str(exc)
+            raise EngineError(f"cannot write the job's prompt audio to {tmp.parent}: {reason}",
+                              retryable=True) from exc
+        return tmp
 
     def _request_speaker(self, request: SynthesisRequest) -> str:
         if request.prompt_audio:
@@ -716,6 +776,7 @@ class CosyVoiceEngine:
         out: dict[str, Any] = dict(self._counts)
         out["scheduler"] = self.scheduler
         out["capacity_source"] = self.capacity_source
+        out["cache_write_failures"] = self._cache_folder.failures
         if self._pipeline is not None:
             out.update(self._pipeline.stats())
         if self._gpu is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,15 +168,14 @@ def capacity_file(engine: CosyVoiceEngine) -> Path:
     return engine._cache / "capacity" / f"{engine._model_key_value}-{tag}.json"
 
 
-def save_capacity(engine: CosyVoiceEngine, capacity: int, rtf_by_streams: dict[int, float], source: str) -> Path:
-    """Store a capacity measured by ``cosy bench gpu`` for this model on this GPU (read at the next start)."""
+def save_capacity(engine: CosyVoiceEngine, capacity: int, rtf_by_streams: dict[int, float],
+                  source: str) -> Path | None:
+    """Store a capacity measured by ``cosy bench gpu`` for this model on this GPU (read at the next start).
+    None where the cache folder cannot be written (the engine's one warning says why): the next start measures."""
     path = capacity_file(engine)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"capacity": capacity, "rtf": {str(k): v for k, v in rtf_by_streams.items()},
-                               "source": source, "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}))
-    os.replace(tmp, path)
-    return path
+    data = json.dumps({"capacity": capacity, "rtf": {str(k): v for k, v in rtf_by_streams.items()},
+                       "source": source, "date": time.strftime("%Y-%m-%d %H:%M:%S %z")})
+    return path if engine._cache_folder.write(path, data.encode()) else None
 
 
 def _stored_capacity(engine: CosyVoiceEngine) -> int | None:
