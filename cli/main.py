@@ -167,24 +167,32 @@ def say(
     text: str | None = typer.Argument(None, help="Text to speak; '-' reads standard input."),
     file: Path | None = typer.Option(None, "--file", "-f", help="Read the text from a file."),
     voice: str | None = typer.Option(None, "--voice", "-v", envvar="COSY_VOICE", help="Voice name."),
-    out: str | None = typer.Option(None, "--out", "-o", help="Save to FILE (.wav/.flac/.ogg), '-' for stdout."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Save to FILE (.wav .flac .ogg .opus .mp3 .aac), "
+                                   "'-' for stdout."),
     raw: bool = typer.Option(False, "--raw", help="With -o -: raw 16-bit little-endian PCM, not WAV."),
     no_play: bool = typer.Option(False, "--no-play", help="Do not play through the speakers."),
     speed: float = typer.Option(1.0, "--speed", "-s", help="Speaking rate, 0.25-4.0."),
     priority: str = typer.Option("interactive", "--priority", help="interactive or bulk."),
     instruct: str = typer.Option("", "--instruct", help="Speaking style for engines that take one (CosyVoice2/3), "
                                  "e.g. \"speak slowly and warmly\"."),
-    timeout: float = typer.Option(120.0, "--timeout", help="Give up after this many seconds."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Give up on a sentence without complete audio after "
+                                  "this many seconds (it is retried first)."),
     list_voices: bool = typer.Option(False, "--list-voices", help="List the voices the workers serve."),
     verbose: bool = typer.Option(False, "--verbose", help="Print time to first audio and real-time factor."),
+    captions: Path | None = typer.Option(None, "--captions", help="Write captions, one per sentence, to FILE "
+                                         "(.srt or .vtt)."),
+    flush_after: float = typer.Option(1.5, "--flush-after", help="Text from a pipe: speak what came after this "
+                                      "many seconds without more, even without a sentence end."),
     runtime_dir: Path | None = RuntimeDirOpt,
     connect: str | None = ConnectOpt,
 ) -> None:
-    """Speak TEXT: play it as it is synthesized, and/or save it.
+    """Speak TEXT of any length: play it as it is synthesized, and/or save it.
 
     Examples:\n
       cosy say "Hello there."\n
       echo "From a pipe." | cosy say - --out hello.wav --no-play\n
+      cosy say -f book.txt -o book.flac --captions book.srt --no-play\n
+      llm "tell me a story" | cosy say -\n
       cosy say -f chapter.txt -o - | aplay
     """
     # `cosy say` usually never gets here: cosy.cli.quick parses it without typer (faster start) and
@@ -194,7 +202,7 @@ def say(
     raise typer.Exit(run_say_args(dict(
         text=text, file=file, voice=voice, out=out, raw=raw, no_play=no_play, speed=speed, priority=priority,
         instruct=instruct, timeout=timeout, list_voices=list_voices, verbose=verbose, runtime_dir=runtime_dir,
-        connect=connect)))
+        connect=connect, captions=captions, flush_after=flush_after)))
 
 
 @app.command()

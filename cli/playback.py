@@ -82,6 +82,12 @@ class LivePlayer:
             if not self._started and self._buffered >= self.prebuffer:
                 self._started = True
 
+    @property
+    def buffered_s(self) -> float:
+        """Seconds of audio fed and not yet played."""
+        with self._lock:
+            return self._buffered / 2 / self.sample_rate
+
     def restart(self) -> None:
         """A new attempt replaces the old one: drop what is still queued of the old."""
         with self._lock:

@@ -34,11 +34,13 @@ SAY_OPTIONS: dict[str, tuple[str, str]] = {
     "--verbose": ("verbose", "flag"),
     "--runtime-dir": ("runtime_dir", "path"),
     "--connect": ("connect", "str"),
+    "--captions": ("captions", "path"),
+    "--flush-after": ("flush_after", "float"),
 }
 SAY_DEFAULTS: dict[str, Any] = {
     "text": None, "file": None, "voice": None, "out": None, "raw": False, "no_play": False, "speed": 1.0,
     "priority": "interactive", "instruct": "", "timeout": 120.0, "list_voices": False, "verbose": False,
-    "runtime_dir": None, "connect": None,
+    "runtime_dir": None, "connect": None, "captions": None, "flush_after": 1.5,
 }
 SAY_ENV = {"voice": "COSY_VOICE", "runtime_dir": "COSY_RUNTIME_DIR", "connect": "COSY_CONNECT"}
 PATH_PARAMS = {param for param, kind in SAY_OPTIONS.values() if kind == "path"}
@@ -119,7 +121,8 @@ def run_say_args(p: dict[str, Any]) -> int:
     eps = endpoints_or_fail(p["runtime_dir"], p["connect"])
     return run_say(eps, text=p["text"], file=p["file"], voice=p["voice"], out=p["out"], raw=p["raw"],
                    play=not p["no_play"], speed=p["speed"], priority=p["priority"], timeout=p["timeout"],
-                   list_voices=p["list_voices"], verbose=p["verbose"], instruct=p["instruct"])
+                   list_voices=p["list_voices"], verbose=p["verbose"], instruct=p["instruct"],
+                   captions=p["captions"], flush_after=p["flush_after"])
 
 
 def main() -> None:

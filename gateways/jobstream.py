@@ -5,9 +5,9 @@ API
 ``stream = await open_stream(bridge, spec, timeout_s=60, split=False, metrics=None, api="")``
     Checks the broker, then submits ``spec`` (a :class:`cosy.client.JobSpec`). With ``split`` and two or
     more workers connected, a text of several sentences goes as sentence jobs across the workers
-    (:mod:`cosy.gateways.segments`) and streams back as one. Raises :class:`JobError` with code
-    ``BROKER_UNREACHABLE`` (no status reply), ``NO_WORKERS`` (none connected) or ``SHUTTING_DOWN`` (the
-    gateway is stopping). Nothing is submitted when it raises.
+    (:mod:`cosy.gateways.segments`, over :mod:`cosy.segments`) and streams back as one. Raises
+    :class:`JobError` with code ``BROKER_UNREACHABLE`` (no status reply), ``NO_WORKERS`` (none connected) or
+    ``SHUTTING_DOWN`` (the gateway is stopping). Nothing is submitted when it raises.
 
 ``rate = await stream.start(disconnected=None)``
     Waits for the first audio and returns its sample rate (constant for the whole stream). Everything that
@@ -47,7 +47,6 @@ job's ttfc/rtf at completion; request counts and disconnects stay the gateway's.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,8 +56,9 @@ from typing import NoReturn
 from cosy import protocol as P
 from cosy.client import Audio, BrokerRestarted, Completed, Failed, JobSpec, Rejected
 from cosy.gateways.bridge import GATEWAY_STOPPED, BrokerBridge, GatewayError, JobEvents
-from cosy.gateways.segments import split_text, start_segmented
+from cosy.gateways.segments import start_segmented
 from cosy.metrics import GatewayMetrics
+from cosy.segments import TextTooLong, split_text
 
 log = logging.getLogger("cosy.gateway")
 
@@ -124,11 +124,13 @@ async def open_stream(bridge: BrokerBridge, spec: JobSpec, *, timeout_s: float, 
         raise JobError(P.SHUTTING_DOWN if exc.code == GATEWAY_STOPPED else BROKER_UNREACHABLE, str(exc)) from None
     if not snap.workers:
         raise JobError(NO_WORKERS, "no workers are connected to the broker")
-    parts = split_text(spec.text) if split and len(snap.workers) > 1 else []
+    try:
+        parts = split_text(spec.text) if split and len(snap.workers) > 1 else []
+    except TextTooLong:  # a run that no job can take: the broker says so for the whole text
+        parts = []
     try:
         if len(parts) > 1:
-            specs = [dataclasses.replace(spec, text=text, job=f"{spec.job}-{i}") for i, text in enumerate(parts)]
-            source: JobEvents = start_segmented(spec.job, specs, bridge.submit, len(snap.workers))
+            source: JobEvents = start_segmented(spec, parts, bridge.submit, len(snap.workers))
         else:
             source = bridge.submit(spec)
     except GatewayError as exc:
@@ -189,7 +191,7 @@ class JobStream:
             if isinstance(ev, Audio):
                 return ev
             if isinstance(ev, Completed):
-                if ev.samples:  # all of it at once (the live events were not delivered)
+                if ev.samples and ev.samples == ev.done.samples:  # all of it at once (no live events came)
                     return ev
                 raise JobError(NO_AUDIO, "the job produced no audio")
             if isinstance(ev, Rejected):
@@ -226,11 +228,16 @@ class JobStream:
                     if ev.data:
                         yield self._sent(ev.data)
                 elif isinstance(ev, Completed):
-                    total = ev.samples
+                    # done.samples: a sentence-job stream's Completed holds no data (its audio came as events)
+                    total = ev.done.samples
                     if self.samples_sent > total:
                         self._abort(INCOMPLETE_AUDIO, f"sent {self.samples_sent} samples but the job has {total}")
                     if self.samples_sent < total:  # audio the live events did not carry
-                        yield self._sent(ev.data[self.samples_sent * 2:])
+                        tail = ev.data[self.samples_sent * 2:]
+                        if self.samples_sent + len(tail) // 2 != total:
+                            self._abort(INCOMPLETE_AUDIO, f"sent {self.samples_sent} samples, "
+                                                          f"the job has {total} but holds {ev.samples}")
+                        yield self._sent(tail)
                     self._complete(ev)
                     return
                 elif isinstance(ev, (Failed, Rejected)):
@@ -246,7 +253,7 @@ class JobStream:
         return data
 
     def _complete(self, ev: Completed) -> None:
-        self.totals = StreamTotals(ev.samples, ev.sample_rate, self.input_chars, ev.done)
+        self.totals = StreamTotals(ev.done.samples, ev.sample_rate, self.input_chars, ev.done)
         if self.metrics is not None:
             self.metrics.audio_seconds.labels(self.api).inc(self.totals.seconds)
             self.metrics.job_done(ev.done.ttfc_ms, ev.done.rtf)

@@ -4,7 +4,9 @@
   workers serve; ``supports_synthesize_streaming`` is true.
 - ``synthesize`` -> ``audio-start``, ``audio-chunk``... as the worker produces them, ``audio-stop``.
 - streaming text: ``synthesize-start``, ``synthesize-chunk``... ``synthesize-stop``. Each complete
-  sentence becomes a broker job the moment it arrives, so several workers can render later
+  sentence (cut by :class:`cosy.segments.SentenceSplitter`, as the HTTP gateway's: "Dr." waits for the
+  rest of its sentence, a very long one is cut at a clause or a space) becomes a broker job the moment
+  it arrives, so several workers can render later
   sentences while an earlier one is still being sent; the audio goes out in order, one
   ``audio-start``/``audio-stop`` cycle per sentence (as wyoming-piper does), then
   ``synthesize-stopped``. A plain ``synthesize`` inside a stream (Home Assistant sends one for
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,8 +41,8 @@ from cosy.client import JobSpec
 from cosy.endpoints import Endpoints
 from cosy.gateways import jobstream as js
 from cosy.gateways.bridge import BrokerBridge, GatewayError
-from cosy.gateways.segments import SentenceSplitter
 from cosy.metrics import GatewayMetrics
+from cosy.segments import SentenceSplitter, TextTooLong
 
 log = logging.getLogger("cosy.wyoming")
 
@@ -136,16 +139,26 @@ class CosyEventHandler(AsyncEventHandler):
             self._stream_voice = SynthesizeStart.from_event(event).voice
         elif SynthesizeChunk.is_type(event.type):
             if self._splitter is not None:
-                for sentence in self._splitter.add(SynthesizeChunk.from_event(event).text):
-                    await self._queue_text(sentence, self._stream_voice)
+                await self._queue_sentences(lambda s: s.add(SynthesizeChunk.from_event(event).text))
         elif SynthesizeStop.is_type(event.type):
             if self._splitter is not None:
-                rest = self._splitter.finish()
-                if rest:
-                    await self._queue_text(rest, self._stream_voice)
+                await self._queue_sentences(SentenceSplitter.flush)
                 self._splitter = None
                 self._enqueue(StreamEnd())
         return True
+
+    async def _queue_sentences(self, cut: Callable[[SentenceSplitter], list[str]]) -> None:
+        """The sentences the streamed text completed (short pieces such as "Dr." wait for the next, long ones
+        are cut at a clause or a space: the HTTP gateway's splitter), each as a job."""
+        assert self._splitter is not None
+        try:
+            sentences = cut(self._splitter)
+        except TextTooLong as exc:
+            self._splitter = SentenceSplitter()  # what was held is refused; the stream goes on
+            self._enqueue(js.JobError(P.TEXT_TOO_LONG, str(exc)))
+            return
+        for sentence in sentences:
+            await self._queue_text(sentence, self._stream_voice)
 
     async def _queue_text(self, text: str, voice: SynthesizeVoice | None) -> None:
         if not text.strip():

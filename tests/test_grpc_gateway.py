@@ -24,7 +24,7 @@ from stack import Stack, transcribe, wait_for
 from test_http_gateway import FAST_TONE, FOX, FOX_WORDS, LONG_TEXT, TONE, TONE_RATE, ChunkObserver, free_port
 
 from cosy import protocol as P
-from cosy.gateways.segments import split_text
+from cosy.segments import split_text
 
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("grpc_tools")

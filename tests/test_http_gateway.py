@@ -28,7 +28,7 @@ from stack import Stack, transcribe, wait_for
 
 from cosy import protocol as P
 from cosy.endpoints import free_tcp_base
-from cosy.gateways.segments import split_text
+from cosy.segments import split_text
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
