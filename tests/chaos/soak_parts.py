@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import soundfile as sf
+import zmq
 from stack import Stack, wait_for
 
+from cosy import protocol as P
 from cosy.client import Client, Completed, Failed, JobSpec, Rejected
 
 SAY_EXITS = {1: "job failed", 3: "broker unreachable", 4: "busy or timed out"}  # README.md "Exit codes"
@@ -55,6 +57,8 @@ SENTENCES = [
 ]
 LONG_TEXT = " ".join(SENTENCES)  # about 22 s of speech in ~25 chunks: long enough to be mid-stream when killed
 DROP_TEXT = " ".join([LONG_TEXT] * 2)  # ~50 chunks: more than a stalled client's RCVHWM + the broker's --audio-hwm
+DROP_CHUNKS = 30  # streamed during the stall; about 13 fit in --audio-hwm 16, RCVHWM 2 and the socket buffers
+STALL_MAX_S = 20.0  # under the soak broker's --client-timeout (30 s)
 
 
 def rss_kb(pid: int) -> int | None:
@@ -539,19 +543,43 @@ class FaultInjector:
         return Fault("say_kill", at, f"pid {proc.pid}", f"kill -9 after {got[0]} bytes of streamed WAV", mid_stream)
 
     def chunk_drop(self) -> Fault:
-        """A client whose SUB (RCVHWM 2) is not read for a few seconds while its long job streams: the
-        broker's XPUB (--audio-hwm) drops what does not fit, and the client must repair the gap by REPLAY."""
+        """A client whose SUB (RCVHWM 2) is not read while its long job streams: the broker's XPUB
+        (--audio-hwm 16) drops what does not fit, and the client must repair the gap by REPLAY.
+
+        The stall lasts until an independent subscriber to the same job has seen DROP_CHUNKS chunks (more
+        than the high-water marks and the socket buffers hold) or the final one, at most STALL_MAX_S
+        (under the broker's --client-timeout: the stalled client sends no PING)."""
         at = self.now()
         t = time.monotonic()
-        stall = self.rng.uniform(5.0, 8.0)  # under --client-timeout (10 s): the client pings again after it
         spec = JobSpec(DROP_TEXT, job=f"soak-drop-{self.rng.getrandbits(32):08x}")
         outcome = Outcome("drop", "failed", "?", at, 0.0, False)
         dropped = False
+        seen: set[tuple[str, int]] = set()
+        final = [False]
+        observer = zmq.Context.instance().socket(zmq.SUB)
+        observer.setsockopt(zmq.LINGER, 0)
+        observer.setsockopt(zmq.SUBSCRIBE, P.topic(spec.job))
+        observer.connect(self.s.endpoints.audio_out)
+
+        def overflowed() -> bool:
+            while observer.poll(0):
+                frames = observer.recv_multipart()
+                if len(frames) == 3:
+                    h = P.ChunkHeader.unpack(frames[1])
+                    seen.add((h.run, h.seq))
+                    final[0] = final[0] or h.final
+            return len(seen) >= DROP_CHUNKS or final[0]
+
         try:
             with Client(self.s.endpoints, rcvhwm=2) as client:
                 client.connect(10)
+                time.sleep(0.2)  # the observer's subscription reaches the broker before the job can start
                 client.submit(spec)
-                time.sleep(stall)  # the stalled subscriber: nothing is read, the high-water marks overflow
+                try:  # the stalled subscriber: nothing is read while the high-water marks overflow
+                    wait_for(overflowed, STALL_MAX_S, "the stalled client's job to stream", interval=0.05)
+                except TimeoutError:
+                    pass
+                stall = time.monotonic() - t
                 deadline = time.monotonic() + 90
                 end: Completed | Failed | Rejected | None = None
                 while end is None and time.monotonic() < deadline:
@@ -563,15 +591,19 @@ class FaultInjector:
                     dropped = end.replayed > 0
                     ok = plausible(end.samples, end.sample_rate, DROP_TEXT) and end.samples == end.done.samples
                     outcome = Outcome("drop", "completed", "ok", at, took, ok,
-                                      f"{end.replayed} chunks repaired; {end.samples} samples")
+                                      f"stalled {stall:.1f} s while {len(seen)} chunks streamed; {end.replayed} "
+                                      f"repaired; {end.samples} samples")
                 elif end is None:
                     outcome = Outcome("drop", "hung", "-", at, took, False, "no end within 90 s of the stall")
                 else:  # a broker restart in between is not possible (one fault at a time): a repair failure
-                    outcome = Outcome("drop", "failed", end.code, at, took, False, end.message)
+                    outcome = Outcome("drop", "failed", end.code, at, took, False,
+                                      f"stalled {stall:.1f} s while {len(seen)} chunks streamed: {end.message}")
         except Exception as exc:  # BrokerUnreachable and the like: recorded, the soak goes on
             outcome = Outcome("drop", "failed", type(exc).__name__, at, time.monotonic() - t, False, str(exc))
+        finally:
+            observer.close(linger=0)
         self.record(outcome)
-        return Fault("chunk_drop", at, spec.job, f"SUB stalled {stall:.1f} s: {outcome.detail}", dropped)
+        return Fault("chunk_drop", at, spec.job, outcome.detail, dropped)
 
     def cont_all(self) -> None:
         """SIGCONT whatever is still frozen (a failure mid-fault), so that it can be stopped."""

@@ -11,9 +11,10 @@ Meanwhile one fault about every 10 s (at least 20, each kind at least twice), ch
 (``COSY_SOAK_SEED``; a random seed is printed otherwise) and logged with its time: kill -9 a worker and
 start it again; SIGSTOP a worker until the broker declares it dead (liveness 3 x 200 ms), then SIGCONT;
 SIGKILL the broker and start it again; kill -9 a `cosy say -o -` once its audio is streaming; and a
-burst of dropped chunks: one client's SUB (RCVHWM 2) is not read for 5-8 s while its long job streams,
-so ZeroMQ drops what overflows the broker's ``--audio-hwm 16`` and the client must repair the gap from
-the broker's replay buffer (a real high-water-mark drop; no test hook in the client).
+burst of dropped chunks: one client's SUB (RCVHWM 2) is not read while its long job streams 30 chunks
+(seen by an independent subscriber), so ZeroMQ drops what overflows the broker's ``--audio-hwm 16`` and
+the client must repair the gap from the broker's replay buffer (a real high-water-mark drop; no test
+hook in the client).
 
 The batch does not finish inside 300 s on this 2-core machine: measured with three Piper workers and
 nothing else running, these lines render at about 16 lines/s (3,000 in ~190 s); under the soak's own
@@ -79,7 +80,8 @@ BATCH_LINES = int(os.environ.get("COSY_SOAK_LINES", "3000"))  # fewer only for a
 BATCH_SECONDS = (0.25, 4.0)  # "1." is about 0.5 s of speech, "2999." about 2 s
 WORKERS = ["p0", "p1", "p2"]
 WORKER_OPTIONS = {"threads": 1}  # three workers on two cores: one onnxruntime thread each (as `cosy up` does)
-BROKER_ARGS = ("--max-attempts", "10", "--audio-hwm", "16")
+# --client-timeout 30: the chunk-drop fault's stalled client sends no PING for up to 20 s.
+BROKER_ARGS = ("--max-attempts", "10", "--audio-hwm", "16", "--client-timeout", "30")
 # RSS growth allowed per process lifetime, from its first sample after RSS_WARMUP_S to its last. Measured:
 # a Piper worker's onnxruntime arena grows by ~130 MB over its first minute, to the size of the longest
 # sentence it has met, then stays flat; the broker's replay buffer (64 MiB at most, 60 s of audio) fills
