@@ -57,7 +57,7 @@ SENTENCES = [
 ]
 LONG_TEXT = " ".join(SENTENCES)  # about 22 s of speech in ~25 chunks: long enough to be mid-stream when killed
 DROP_TEXT = " ".join([LONG_TEXT] * 2)  # ~50 chunks: more than a stalled client's RCVHWM + the broker's --audio-hwm
-DROP_CHUNKS = 30  # streamed during the stall; about 13 fit in --audio-hwm 16, RCVHWM 2 and the socket buffers
+DROP_CHUNKS = 20  # streamed during the stall; --audio-hwm 4, RCVHWM 2 and the socket buffers hold about 10
 STALL_MAX_S = 20.0  # under the soak broker's --client-timeout (30 s)
 
 
@@ -253,7 +253,7 @@ class SayLoad:
         now = time.monotonic()
         self.running.append(_Say(proc, out, text, now - self.t0, now, err))
 
-    def _reap(self, force: bool = False) -> None:
+    def _reap(self) -> None:
         now = time.monotonic()
         for say in list(self.running):
             rc = say.proc.poll()
@@ -544,7 +544,7 @@ class FaultInjector:
 
     def chunk_drop(self) -> Fault:
         """A client whose SUB (RCVHWM 2) is not read while its long job streams: the broker's XPUB
-        (--audio-hwm 16) drops what does not fit, and the client must repair the gap by REPLAY.
+        (--audio-hwm 4) drops what does not fit, and the client must repair the gap by REPLAY.
 
         The stall lasts until an independent subscriber to the same job has seen DROP_CHUNKS chunks (more
         than the high-water marks and the socket buffers hold) or the final one, at most STALL_MAX_S
