@@ -94,6 +94,28 @@ RSS_WARMUP_S = 30.0
 RSS_MIN_LIFETIME_S = 60.0  # shorter lifetimes are reported, not judged
 
 
+# Tracebacks in the processes' logs that are reported but not held against the soak, each a known finding.
+KNOWN_TRACEBACKS = {
+    # A documented mid-stream abort (docs/gateways.md: a worker lost after the first audio ends the response
+    # without its final chunk) reaches uvicorn as an exception: "ERROR: Exception in ASGI application" and a
+    # traceback in the gateway's log for an expected event. The client sees the documented broken transfer.
+    "cosy.gateways.jobstream.StreamAborted": "gateways/http.py lets StreamAborted reach uvicorn (log noise)",
+}
+
+
+def log_tracebacks(folder: Path) -> list[dict[str, str]]:
+    """The exception line of every traceback in the logs, with the log's name."""
+    found = []
+    for log in sorted(folder.glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("Traceback (most recent call last)"):
+                continue
+            end = next((x for x in lines[i + 1:] if x and not x[0].isspace()), "?")
+            found.append({"log": log.name, "exception": end[:300]})
+    return found
+
+
 def counters_problem(st: dict[str, Any]) -> str:
     """Empty when accepted = done + failed + cancelled + in flight (queued and running) in this status."""
     c = st["counters"]
@@ -332,6 +354,12 @@ def test_soak_every_fault_under_load(tmp_path: Path) -> None:
             if log.exists():
                 shutil.copy(log, logs / log.name)
         s.stop()
+        report["log_tracebacks"] = log_tracebacks(logs)
+        for tb in report["log_tracebacks"]:
+            known = KNOWN_TRACEBACKS.get(tb["exception"].split(":")[0])
+            tb["known"] = known or ""
+            if not known:
+                violation(f"a traceback in {tb['log']}: {tb['exception']}")
         report["total_s"] = round(end_s, 1)
         report["logs"] = str(logs)
         report["faults_by_kind"] = {k: sum(f.kind == k for f in injector.faults) for k in KINDS}
@@ -344,6 +372,10 @@ def test_soak_every_fault_under_load(tmp_path: Path) -> None:
                                        "queue": b["status"]["queue"], "running": b["status"]["running"],
                                        "adds_up": not counters_problem(b["status"])}
                                       for b in injector.broker_lifetimes]
+        totals: Counter[str] = Counter()
+        for b in injector.broker_lifetimes:
+            totals.update(b["status"]["counters"])
+        report["broker_counters_total"] = dict(totals)  # "replayed": chunks repaired, the drop faults' and others'
         report["rss"] = [rss_summary(life, end_s) for life in rss.lifetimes]
         for r in report["rss"]:
             if r["checked"] and r["growth_mb"] > r["bound_mb"]:
