@@ -444,8 +444,9 @@ def _first_audio_ms(stderr: str) -> float:
 @pytest.mark.timeout(4 * 3600)
 def test_a_200k_character_text_on_two_piper_workers(bare_stack: Stack, tmp_path: Path) -> None:
     """Acceptance 1 of issue 14: any length, both workers, exact duration, intelligible start and end, bounded
-    memory, first audio as soon as for one sentence. Took 37 min on the shared 2-core machine (load ~20): 2,927
-    sentences, 10,058 s of audio, peak RSS 65 MB, first audio 981 ms against 1,034 ms for one sentence."""
+    memory, first audio as soon as for one sentence. On the shared 2-core machine: 21 min at a load of ~5
+    (2,927 sentences, 10,055 s of audio, peak RSS 65 MB, first audio 248 ms; one sentence's 335-1,469 ms),
+    37 min at a load of ~20."""
     import soundfile as sf
 
     s = bare_stack
