@@ -19,7 +19,7 @@ hook in the client).
 The batch does not finish inside 300 s on this 2-core machine: with three Piper workers and nothing else
 running, these lines render at about 16 lines/s (3,000 in ~190 s), but the soak's say and HTTP load is
 interactive (served first), the faults cost restarts, and the machine is shared: measured, 1.6-5 lines/s
-during the fault phase and 3-8 lines/s after it (the whole test took 10-20 min at load averages of
+during the fault phase and 3-8 lines/s after it (the whole test took 8-20 min at load averages of
 5-25). So the batch runs on after the fault phase (the load and the faults stop; the same process keeps
 going), and if it exits with failed lines it is resumed with ``--resume``; either way every one of the
 3,000 lines is checked at the end.
