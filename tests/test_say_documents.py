@@ -441,6 +441,7 @@ def _first_audio_ms(stderr: str) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 2.8 hours of audio: about 21 minutes here; not in CI's run (pytest -m long runs it)
 @pytest.mark.timeout(4 * 3600)
 def test_a_200k_character_text_on_two_piper_workers(bare_stack: Stack, tmp_path: Path) -> None:
     """Acceptance 1 of issue 14: any length, both workers, exact duration, intelligible start and end, bounded

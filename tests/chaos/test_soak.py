@@ -35,7 +35,9 @@ At the end:
   lifetime (sampled from /proc every 3 s, after a warm-up).
 
 The report (faults by kind and time, jobs by outcome, RSS per process lifetime, violations) goes to
-bench/results/soak.json and soak-rss.png (bench/soak_report.py), also when an assertion fails.
+bench/results/soak-latest/soak.json and soak-rss.png (bench/soak_report.py; gitignored, so a test run
+leaves the checkout clean; COSY_SOAK_REPORT_DIR chooses another folder), also when an assertion fails. The
+committed bench/results/soak.json and soak-rss.png are the run that docs/reliability.md reports.
 """
 
 from __future__ import annotations
@@ -385,6 +387,6 @@ def test_soak_every_fault_under_load(tmp_path: Path) -> None:
         if n_faults < 20 or min(report["effective_faults_by_kind"].values()) < 2:
             violation(f"too few faults: {n_faults} in all, effective by kind {report['effective_faults_by_kind']}")
         report["violations"] = violations
-        path = write_report(report, Path(os.environ.get("COSY_SOAK_REPORT_DIR", RESULTS)))
+        path = write_report(report, Path(os.environ.get("COSY_SOAK_REPORT_DIR", RESULTS / "soak-latest")))
         print(f"soak: report {path}; faults {report['faults_by_kind']}; jobs {report['jobs_by_outcome']}", flush=True)
     assert not violations, f"seed {seed}: {len(violations)} violations:\n" + "\n".join(violations[:40])
