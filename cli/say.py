@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,15 @@ def _print_voices(eps: Endpoints) -> int:
     return exits.OK
 
 
+def _check_output(path: Path, format_of: Callable[[Path], str], what: str) -> None:
+    """Exit 2 before any work when ``path``'s extension names no format we write, or it cannot be written."""
+    try:
+        format_of(path)
+    except ValueError as exc:
+        exits.fail(str(exc), exits.USAGE)
+    _check_writable(path, what)
+
+
 def _check_writable(path: Path, what: str) -> None:
     if not path.parent.is_dir():
         exits.fail(f"cannot write {path}: folder {path.parent} does not exist", exits.USAGE)
@@ -174,19 +184,11 @@ def run_say(eps: Endpoints, *, text: str | None, file: Path | None, voice: str |
     if out_path is not None:
         from cosy.audio import format_for
 
-        try:
-            format_for(out_path)
-        except ValueError as exc:
-            exits.fail(str(exc), exits.USAGE)
-        _check_writable(out_path, "the audio")
+        _check_output(out_path, format_for, "the audio")
     if captions is not None:
         from cosy.captions import caption_format_for
 
-        try:
-            caption_format_for(captions)
-        except ValueError as exc:
-            exits.fail(str(exc), exits.USAGE)
-        _check_writable(captions, "captions")
+        _check_output(captions, caption_format_for, "captions")
     if raw and not to_stdout:
         exits.fail("--raw applies to -o - (audio on standard output)", exits.USAGE)
     if to_stdout and sys.stdout.isatty():

@@ -185,3 +185,15 @@ def transcribe(audio: np.ndarray, rate: int) -> str:
     dec.end_utt()
     hyp = dec.hyp()
     return hyp.hypstr if hyp else ""
+
+
+def run_until(client: Any, done: Any, timeout: float = 60) -> list:
+    """Poll a cosy.client.Client until ``done(events so far)``; fail with the last events after ``timeout``."""
+    import time
+
+    events: list = []
+    deadline = time.monotonic() + timeout
+    while not done(events):
+        assert time.monotonic() < deadline, f"timed out; events so far: {events[-5:]}"
+        events += client.poll(0.05)
+    return events

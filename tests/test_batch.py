@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+from manifests import manifest_records, successes
 from stack import Stack, wait_for
 
 
@@ -18,22 +18,6 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def manifest_records(outdir: Path) -> list[dict]:
-    path = outdir / "manifest.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(raw) for raw in path.read_text().splitlines() if raw.strip()]
-
-
-def successes(outdir: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for rec in manifest_records(outdir):
-        if "file" in rec:
-            assert rec["line"] not in out, f"line {rec['line']} written twice"
-            out[rec["line"]] = rec
-    return out
 
 
 def assert_valid_files(outdir: Path, expected_lines: int) -> None:

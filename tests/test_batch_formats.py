@@ -15,25 +15,13 @@ import numpy as np
 import pysubs2
 import pytest
 import soundfile as sf
+from manifests import manifest_records, successes
 from stack import Stack
 
 from cosy.encode import FILE_FORMATS
 
 AAC_PRIMING = 1024  # samples the AAC encoder puts before the audio (ADTS carries no gapless info)
 TONE_HZ = 440.0
-
-
-def records(outdir: Path) -> list[dict]:
-    return [json.loads(raw) for raw in (outdir / "manifest.jsonl").read_text().splitlines() if raw.strip()]
-
-
-def successes(outdir: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for rec in records(outdir):
-        if "file" in rec:
-            assert rec["line"] not in out, f"line {rec['line']} written twice"
-            out[rec["line"]] = rec
-    return out
 
 
 def decode(path: Path) -> tuple[np.ndarray, int, int]:
@@ -156,7 +144,7 @@ def test_a_manifest_from_before_the_captions_column_still_resumes(stack: Stack, 
         assert stack.cosy("batch", str(source), "--outdir", str(outdir), "--format", fmt).returncode == 0
         manifest = outdir / "manifest.jsonl"
         old = []  # the records as the previous version wrote them: no bytes, captions
-        for rec in records(outdir):
+        for rec in manifest_records(outdir):
             old.append({k: v for k, v in rec.items() if k not in ("bytes", "captions", "captions_file")})
         assert set(old[0]) == {"line", "name", "text", "file", "duration_s", "sample_rate", "worker", "attempts",
                                "sha"}

@@ -5,33 +5,19 @@ rewrites nothing."""
 from __future__ import annotations
 
 import errno
-import json
 import re
 from pathlib import Path
 
 import av
 import pytest
 import soundfile as sf
+from manifests import manifest_records, successes
 from stack import Stack
 from tmpfs import fill, small_tmpfs
 
 LINES = 24  # 16 KB each on the tmpfs (4 KB pages: a 0.2 s wav and its captions): 400 KB in all
 MESSAGE = re.compile(r"^cosy: no space left on (?P<device>.+?) \((?P<n>\d+) of (?P<m>\d+) lines written; "
                      r"free space, then run the same command with --resume\)$", re.M)
-
-
-def manifest_lines(outdir: Path) -> list[dict]:
-    """Every line of the manifest, each of which must be a whole JSON record."""
-    return [json.loads(raw) for raw in (outdir / "manifest.jsonl").read_text().split("\n") if raw]
-
-
-def entries(outdir: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for rec in manifest_lines(outdir):
-        if "file" in rec:
-            assert rec["line"] not in out, f"line {rec['line']} written twice"
-            out[rec["line"]] = rec
-    return out
 
 
 def assert_whole(path: Path, rec: dict) -> None:
@@ -47,7 +33,7 @@ def assert_whole(path: Path, rec: dict) -> None:
 
 def assert_consistent(outdir: Path, fmt: str) -> dict[int, dict]:
     """Every entry's files exist whole; no file without an entry; nothing temporary."""
-    done = entries(outdir)
+    done = successes(outdir)
     expected = {"manifest.jsonl"}
     for number, rec in done.items():
         assert rec["file"] == f"{number:06d}.{fmt}"
@@ -128,4 +114,4 @@ def test_a_manifest_record_that_does_not_fit_is_not_left_half_written(tmp_path: 
         assert (disk / "manifest.jsonl").stat().st_size == size
         manifest.write({"line": 3})  # what still fits in the page is appended as a whole line
         manifest.close()
-        assert [rec["line"] for rec in manifest_lines(disk)] == [1, 3]
+        assert [rec["line"] for rec in manifest_records(disk)] == [1, 3]

@@ -12,12 +12,11 @@ import dataclasses
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import zmq
-from stack import Stack, wait_for
+from stack import Stack, run_until, wait_for
 
 from cosy import protocol as P
 from cosy.client import Audio, Client, Completed, Failed, JobSpec, Rejected
@@ -30,15 +29,6 @@ TERMINAL = (Completed, Failed, Rejected)
 
 def tone_samples(text: str) -> int:
     return int(len(text) * 0.02 * TONE_RATE)  # the tone engine: 20 ms of audio per character
-
-
-def run_until(client: Client, done: Callable[[list], bool], timeout: float = 60) -> list:
-    events: list = []
-    deadline = time.monotonic() + timeout
-    while not done(events):
-        assert time.monotonic() < deadline, f"timed out; events so far: {events[-5:]}"
-        events += client.poll(0.05)
-    return events
 
 
 def ended(*jobs: str) -> Callable[[list], bool]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from stack import Stack, wait_for
+from stack import Stack, run_until, wait_for
 
 from cosy import protocol as P
 from cosy.client import Client, Completed, Failed, JobSpec, Rejected, Started
@@ -20,15 +20,6 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
-
-
-def run_until(client: Client, done: callable, timeout: float = 60) -> list:
-    events: list = []
-    deadline = time.monotonic() + timeout
-    while not done(events):
-        assert time.monotonic() < deadline, f"timed out; events so far: {events[-5:]}"
-        events += client.poll(0.05)
-    return events
 
 
 def prime_subscriptions(client: Client, jobs: list[str]) -> None:
