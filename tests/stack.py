@@ -24,6 +24,13 @@ from cosy.processes import stop_all
 HEARTBEAT_MS = 200  # fast failure detection in tests: a dead worker is noticed in ~0.6 s
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """A suite started in the background (`cmd &` without job control) has SIGINT ignored, and children
+    inherit that, so Python would never raise KeyboardInterrupt in them: a CLI command gets Ctrl-C's default,
+    as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Stack:
     """A broker plus workers in their own runtime directory."""
 
@@ -119,7 +126,8 @@ class Stack:
         """A CLI command left running (read its result with communicate()); a test that fails
         before it ends still has it stopped by PID, with the rest of the stack."""
         proc = subprocess.Popen([sys.executable, "-m", "cosy", *args, "--runtime-dir", str(self.runtime_dir)],
-                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=_sigint_as_from_a_terminal)
         self.procs.append(proc)
         return proc
 
