@@ -148,7 +148,9 @@ def test_synthesize_streams_audio_as_it_is_made(served) -> None:
         mark = len(observer.seen)
         # 30 chunks, 100 ms apart: seconds of slack for a loaded machine, none for a gateway that buffers.
         (cycle,) = run(go("x" * 150))
-        finals = [(t, h) for t, h in observer.seen[mark:] if h.final]
+        # The observer's own subscriber may see the final chunk after the gateway's client did.
+        finals = wait_for(lambda: [(t, h) for t, h in observer.seen[mark:] if h.final], 10,
+                          "the observer to see the job's final chunk")
         assert len(finals) == 1
         t_final, final = finals[0]
         assert len(cycle.audio()) == final.total_samples == 3 * TONE_RATE
