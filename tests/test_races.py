@@ -342,7 +342,9 @@ def test_a_worker_unreachable_at_dispatch_gets_one_job_sent_and_the_batch_goes_e
         assert done.done.worker == "t" and done.samples == tone_samples(f"placed on a ghost, {job}")
     failed_sends = [line for line in (s.runtime_dir / "broker.log").read_text().splitlines()
                     if "could not send to b'ghost-worker'" in line]
-    assert len(failed_sends) == 2, failed_sends  # READY's acknowledgement and the first JOB; no more JOBs
+    # READY's acknowledgement and at most the first JOB (a loaded broker may drop the ghost at the failed
+    # acknowledgement, before placing anything on it); the old dispatch sent all three JOBs after a failure.
+    assert 1 <= len(failed_sends) <= 2, failed_sends
 
 
 def test_a_replay_gone_for_an_abandoned_run_does_not_fail_the_job(bare_stack: Stack) -> None:
