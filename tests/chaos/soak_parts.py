@@ -116,19 +116,39 @@ class Lifetime:
 # --- observers ------------------------------------------------------------------------------------------
 
 
-class RssSampler:
-    """VmRSS of every tracked process every ``interval_s``, one series per process lifetime."""
+class _Periodic:
+    """A thread that calls ``tick()`` every ``interval_s`` until ``stop()``, which ticks once more."""
 
-    def __init__(self, t0: float, interval_s: float = 3.0) -> None:
-        self.t0 = t0
+    def __init__(self, interval_s: float, name: str, join_s: float) -> None:
         self.interval_s = interval_s
-        self.lifetimes: list[Lifetime] = []
-        self._lock = threading.Lock()
+        self._join_s = join_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def tick(self) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
         self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.tick()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self._join_s)
+        self.tick()
+
+
+class RssSampler(_Periodic):
+    """VmRSS of every tracked process every ``interval_s``, one series per process lifetime."""
+
+    def __init__(self, t0: float, interval_s: float = 3.0) -> None:
+        super().__init__(interval_s, "rss", join_s=10)
+        self.t0 = t0
+        self.lifetimes: list[Lifetime] = []
+        self._lock = threading.Lock()
 
     def track(self, role: str, name: str, proc: subprocess.Popen) -> None:
         with self._lock:
@@ -147,29 +167,17 @@ class RssSampler:
                 else:
                     life.samples.append((round(now, 1), kb))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self.sample()
+    tick = sample
 
 
-class OutputWatcher:
+class OutputWatcher(_Periodic):
     """Inode, mtime and size of every output file, first seen and on each scan: a rewrite shows."""
 
     def __init__(self, folder: Path, interval_s: float = 5.0) -> None:
+        super().__init__(interval_s, "outputs", join_s=30)
         self.folder = folder
-        self.interval_s = interval_s
         self.seen: dict[str, tuple[int, int, int]] = {}
         self.changed: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="outputs", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def scan(self) -> None:
         if not self.folder.is_dir():
@@ -184,14 +192,7 @@ class OutputWatcher:
             if old != key and path.name not in self.changed:
                 self.changed.append(path.name)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.scan()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        self.scan()
+    tick = scan
 
 
 # --- load -----------------------------------------------------------------------------------------------
