@@ -7,8 +7,6 @@ the format follows the file's extension.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,19 +73,7 @@ def render(cues: Iterable[Cue], fmt: str) -> str:
 
 def write_captions(path: Path, cues: Iterable[Cue]) -> None:
     """Write the captions atomically (temporary file, fsync, rename), in the format the extension names."""
+    from cosy.diskspace import write_atomic
+
     path = Path(path)
-    body = render(cues, caption_format_for(path)).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, render(cues, caption_format_for(path)).encode("utf-8"))
